@@ -1,0 +1,161 @@
+"""The LightningModule: losses, optimiser and schedule, validation WER/CER, checkpoint contents.
+
+Checkpoints carry, besides Lightning's own state, a ``"speechformer"`` entry of plain
+types only (the model config as a dict, the tokenizer's sentencepiece model as bytes,
+the validation scores), so one ``.ckpt`` maps waveforms to text and loads with
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from .decoding import DecodeOptions, decode
+from .metrics import score
+from .model import ModelConfig, SpeechTransformer
+from .text import normalize_text
+from .tokenizer import Tokenizer
+
+
+class SpeechModule(L.LightningModule):
+    """Trains a :class:`SpeechTransformer` with label-smoothed CE + weighted CTC."""
+
+    def __init__(self, model: ModelConfig | None = None, tokenizer: str = "", lr: float = 1e-3,
+                 weight_decay: float = 0.01, warmup_steps: int = 500, min_lr_ratio: float = 0.05,
+                 betas: tuple[float, float] = (0.9, 0.98), stats_utterances: int = 500,
+                 val_beam_size: int = 1) -> None:
+        super().__init__()
+        config = model or ModelConfig()
+        self.tokenizer = Tokenizer.load(tokenizer) if tokenizer else None
+        if self.tokenizer is not None:
+            config.vocab_size = self.tokenizer.vocab_size
+            config.blank_id, config.bos_id, config.eos_id = (self.tokenizer.blank_id, self.tokenizer.bos_id,
+                                                             self.tokenizer.eos_id)
+        self.config = config
+        self.model = SpeechTransformer(config)
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.min_lr_ratio, self.betas = min_lr_ratio, tuple(betas)
+        self.stats_utterances = stats_utterances
+        self.val_beam_size = val_beam_size
+        self.max_input_seconds = 0.0  # longest training utterance: longer audio is chunked
+        self._val_outputs: list[tuple[list[str], list[str], list[str]]] = []
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        """Before the first fit: global mean/variance of the training features."""
+        if stage != "fit":
+            return
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is None or not hasattr(dm, "train_dataset"):
+            raise RuntimeError("training needs a SpeechDataModule with a train manifest")
+        train = dm.train_dataset()
+        self.max_input_seconds = max(self.max_input_seconds, max(train.durations))
+        if not self.model.frontend.has_stats:
+            self.compute_feature_stats(train)
+
+    @torch.no_grad()
+    def compute_feature_stats(self, dataset: Any) -> None:
+        frontend = self.model.frontend
+        n = min(len(dataset), self.stats_utterances)
+        step = max(1, len(dataset) // n)
+        total = torch.zeros(self.config.n_mels, dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
+        count = 0
+        for i in range(0, step * n, step):
+            wav = dataset[i]["wav"]
+            feats, frames = frontend.log_mel(wav[None], torch.tensor([len(wav)]))
+            x = feats[0, :int(frames[0])].double()
+            total += x.sum(0)
+            total_sq += (x ** 2).sum(0)
+            count += x.shape[0]
+        frontend.set_stats(total.float(), total_sq.float(), count)
+        print(f"speechformer: feature statistics from {n} utterances ({count} frames)")
+
+    # ----------------------------------------------------------------- steps
+    def _batch_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model(batch["wav"], batch["wav_lengths"], batch["tokens"], batch["token_lengths"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self._batch_loss(batch)
+        bs = len(batch["ids"])
+        self.log("train_loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log_dict({f"train_{k}": v for k, v in out.items() if k != "loss"}, batch_size=bs)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self._batch_loss(batch)
+        bs = len(batch["ids"])
+        self.log("val_loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val_accuracy", out["accuracy"], batch_size=bs, sync_dist=True)
+        self._val_outputs.append((batch["ids"], batch["texts"], self.transcribe_batch(batch)))
+
+    def transcribe_batch(self, batch: dict[str, Any]) -> list[str]:
+        memory, mem_lengths, _ = self.model.encode(batch["wav"], batch["wav_lengths"])
+        ids = decode(self.model, memory, mem_lengths, DecodeOptions(beam_size=self.val_beam_size))
+        return [self.tokenizer.decode(x) for x in ids]
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        ids = [i for o in self._val_outputs for i in o[0]]
+        refs = [r for o in self._val_outputs for r in o[1]]
+        hyps = [h for o in self._val_outputs for h in o[2]]
+        self._val_outputs.clear()
+        report = score(ids, refs, hyps)
+        n_chars = max(1, sum(len(normalize_text(r)) for r in refs))
+        # errors and words summed over ranks so every rank logs the same corpus-level WER
+        counts = torch.tensor([report.wer * report.num_ref_words, report.num_ref_words,
+                               report.cer * n_chars, n_chars],
+                              dtype=torch.float64, device=self.device)
+        counts = self.all_gather(counts)
+        if counts.dim() > 1:
+            counts = counts.sum(0)
+        self.log("val_wer", float(counts[0] / counts[1].clamp_min(1)), prog_bar=True, sync_dist=False)
+        self.log("val_cer", float(counts[2] / counts[3].clamp_min(1)), sync_dist=False)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # ----------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 10_000
+        warmup = min(self.warmup_steps, max(1, total // 2))
+        floor = self.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        metrics = self.trainer.callback_metrics if self.trainer is not None else {}
+        checkpoint["speechformer"] = {
+            "config": self.config.to_dict(),
+            "tokenizer_model": self.tokenizer.model_proto if self.tokenizer is not None else b"",
+            "val_wer": float(metrics["val_wer"]) if "val_wer" in metrics else None,
+            "val_loss": float(metrics["val_loss"]) if "val_loss" in metrics else None,
+            "max_input_seconds": self.max_input_seconds,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("speechformer", {})
+        self.max_input_seconds = max(self.max_input_seconds, float(meta.get("max_input_seconds") or 0.0))

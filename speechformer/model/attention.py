@@ -1,0 +1,144 @@
+"""Attention: a differentiable lookup.
+
+Each query vector is compared with every key vector by a dot product (``Q K^T``); a
+softmax turns the scores into weights that sum to one, and the output is the weighted
+sum of the value rows. When a query matches one key exactly and the scores are sharp,
+the weights are one-hot and attention *is* a table lookup of that key's value row;
+when they are soft, it blends rows, and gradients flow through the blend.
+
+A mask removes keys from the lookup: the causal mask hides the future from the decoder
+(position t may only read positions <= t), the padding mask hides padded frames.
+
+The arithmetic runs in :func:`torch.nn.functional.scaled_dot_product_attention`, which
+picks a fused kernel (flash / memory-efficient on GPU, a fused CPU kernel otherwise).
+:func:`attention` below is that same formula written out, used when the caller wants
+to see the weights (``need_weights=True``) and by the tests as the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def causal_mask(length: int, device: torch.device | None = None) -> Tensor:
+    """Boolean ``[length, length]`` mask, True where query t may attend key s (s <= t)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(Q K^T / sqrt(d)) V, written out. ``mask`` is boolean, True = may attend.
+
+    Returns (output, weights). Shapes: q [..., Tq, d], k/v [..., Tk, d], mask broadcastable
+    to [..., Tq, Tk].
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return weights @ v, weights
+
+
+class KVCache:
+    """Preallocated keys and values of one attention layer for incremental decoding.
+
+    ``k``/``v`` are [batch, heads, max_len, head_dim]; ``length`` positions are filled.
+    Self-attention appends one step at a time; cross-attention fills it once with the
+    projected encoder memory. ``reorder`` follows beam search's choice of parents.
+    """
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.k = torch.empty(batch, n_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        n = k.shape[2]
+        if self.length + n > self.k.shape[2]:
+            raise RuntimeError(f"KV cache full ({self.k.shape[2]} positions)")
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        self.length += n
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def reorder(self, index: Tensor) -> None:
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: several lookups in parallel, each in its own subspace.
+
+    ``d_model`` is split into ``n_heads`` heads of ``d_model // n_heads`` dimensions; each
+    head attends independently and the heads' outputs are concatenated and projected.
+    Used for encoder self-attention, causal decoder self-attention and cross-attention
+    (queries from the decoder, keys/values from the encoder memory).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, key_bias: bool = True) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model, bias=key_bias)
+        self.value = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def _split(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, Dh]
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``source`` split into heads (cached once for cross-attention)."""
+        return self._split(self.key(source)), self._split(self.value(source))
+
+    def forward(
+        self,
+        x: Tensor,
+        source: Tensor | None = None,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+        static_kv: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from ``x`` [B, Tq, D] to ``source`` [B, Tk, D] (``x`` itself if None).
+
+        mask: boolean, broadcastable to [B, H, Tq, Tk], True = may attend.
+        is_causal: apply the causal mask (self-attention over a full sequence).
+        cache: for incremental decoding. With ``static_kv`` the cache already holds the
+            source's keys/values (cross-attention); otherwise the new keys/values are
+            appended and the query attends to everything cached so far.
+        """
+        q = self._split(self.query(x))
+        if cache is not None and static_kv:
+            k, v = cache.k[:, :, :cache.length], cache.v[:, :, :cache.length]
+        else:
+            k, v = self.project_kv(x if source is None else source)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        tq, tk = q.shape[2], k.shape[2]
+        if is_causal and tq != tk:  # new queries continue a cached past: they sit at the end
+            if tq == 1:
+                is_causal = False  # one new token may read the whole past
+            else:
+                pos = torch.arange(tk - tq, tk, device=q.device)[:, None]
+                step_mask = torch.arange(tk, device=q.device)[None, :] <= pos
+                mask, is_causal = (step_mask if mask is None else mask & step_mask), False
+        if is_causal and mask is not None:  # fold the causal mask into the given one
+            mask, is_causal = mask & causal_mask(q.shape[2], q.device), False
+        weights = None
+        if need_weights:
+            y, weights = attention(q, k, v, causal_mask(q.shape[2], q.device) if is_causal else mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
+        b, h, t, dh = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, t, h * dh)), weights

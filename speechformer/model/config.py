@@ -1,0 +1,106 @@
+"""Model sizes and architecture switches as one plain dataclass.
+
+The same dataclass describes speechformer's own models (conv2d x4 subsampling, ReLU
+feed-forward, sinusoidal positions everywhere) and OpenAI Whisper's architecture
+(conv1d + GELU frontend with stride 2, GELU feed-forward, learned decoder positions, no
+bias on the key projection), so there is one model class, not a second copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a :class:`~speechformer.model.SpeechTransformer`.
+
+    Token ids follow the tokenizer's layout (see :mod:`speechformer.tokenizer`):
+    ``blank_id`` is the CTC blank (never a transcript token), ``bos_id`` starts the
+    decoder input and ``eos_id`` ends the transcript.
+    """
+
+    vocab_size: int = 0  # 0 means "take it from the tokenizer"
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 3
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+
+    # audio -> frames
+    sample_rate: int = 16000
+    n_mels: int = 80
+    frontend: Literal["fbank", "whisper"] = "fbank"
+    # frames -> encoder input
+    subsampling: Literal["conv2d", "conv1d"] = "conv2d"
+    subsampling_channels: int = 0  # conv2d only; 0 means d_model
+
+    activation: Literal["relu", "gelu"] = "relu"
+    decoder_positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    embed_scale: bool = True  # multiply token embeddings by sqrt(d_model) before adding positions
+    key_bias: bool = True  # Whisper has no bias on the key projection
+    layer_norm_eps: float = 1e-5
+    max_source_positions: int = 3000  # encoder frames after subsampling
+    max_target_positions: int = 448  # decoder tokens
+
+    # heads and losses
+    ctc_head: bool = True
+    ctc_weight: float = 0.3
+    label_smoothing: float = 0.1
+
+    # SpecAugment (training only)
+    specaug_freq_masks: int = 2
+    specaug_freq_width: int = 27
+    specaug_time_masks: int = 2
+    specaug_time_width_ratio: float = 0.05
+
+    # special ids (filled in from the tokenizer)
+    blank_id: int = 0
+    bos_id: int = 2
+    eos_id: int = 3
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model config: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        for name in ("d_model", "n_heads", "d_ff", "n_mels", "sample_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ValueError(f"model config: ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        if self.ctc_weight > 0 and not self.ctc_head:
+            raise ValueError("model config: ctc_weight > 0 needs ctc_head: true")
+
+    @property
+    def subsampling_factor(self) -> int:
+        return 4 if self.subsampling == "conv2d" else 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown keys {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def whisper(cls, n_mels: int, n_audio_ctx: int, n_audio_state: int, n_audio_head: int,
+                n_audio_layer: int, n_vocab: int, n_text_ctx: int, n_text_state: int,
+                n_text_head: int, n_text_layer: int) -> "ModelConfig":
+        """The architecture of an OpenAI Whisper checkpoint, from its ``dims``."""
+        if n_audio_state != n_text_state or n_audio_head != n_text_head:
+            raise ValueError("Whisper dims with different encoder/decoder widths are not supported")
+        return cls(
+            vocab_size=n_vocab, d_model=n_audio_state, n_heads=n_audio_head, d_ff=4 * n_audio_state,
+            n_encoder_layers=n_audio_layer, n_decoder_layers=n_text_layer, dropout=0.0,
+            n_mels=n_mels, frontend="whisper", subsampling="conv1d", activation="gelu",
+            decoder_positions="learned", embed_scale=False, key_bias=False,
+            max_source_positions=n_audio_ctx, max_target_positions=n_text_ctx,
+            ctc_head=False, ctc_weight=0.0, label_smoothing=0.0,
+            specaug_freq_masks=0, specaug_time_masks=0,
+        )

@@ -1,0 +1,199 @@
+"""SpeechTransformer: waveform -> log-mel frames -> encoder memory -> decoder -> next-token logits.
+
+Reading order: :meth:`SpeechTransformer.encode` (frontend, subsampling, positions,
+encoder stack), :meth:`SpeechTransformer.decode` (token embedding, positions, decoder
+stack with cross-attention, de-embedding), :meth:`SpeechTransformer.forward` (the
+training losses).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..frontend import LogMelFrontend, SpecAugment, WhisperFrontend
+from .attention import KVCache
+from .config import ModelConfig
+from .layers import (Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, EncoderLayer, LearnedPositions,
+                     SinusoidalPositions)
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids -> vectors (a lookup: a one-hot row times the table), and back.
+
+    The same table de-embeds: the decoder's output vector is compared (dot product) with
+    every token's embedding, giving one logit per vocabulary entry; softmax turns the
+    logits into next-token probabilities. Tying the two halves the parameters and makes
+    "close to the embedding of token w" mean "likely to be w".
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, scale: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model).normal_(std=d_model ** -0.5))
+        self.scale = math.sqrt(d_model) if scale else 1.0
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight) * self.scale
+
+    def logits(self, x: Tensor) -> Tensor:
+        """De-embedding: [..., D] -> [..., vocab]."""
+        return x @ self.weight.to(x.dtype).t()
+
+
+class DecoderState:
+    """Per-layer KV caches for incremental decoding, plus the number of tokens consumed."""
+
+    def __init__(self, self_caches: list[KVCache], cross_caches: list[KVCache]) -> None:
+        self.self_caches = self_caches
+        self.cross_caches = cross_caches
+
+    @property
+    def offset(self) -> int:
+        return self.self_caches[0].length
+
+    def reorder(self, index: Tensor) -> None:
+        """Follow beam search: row i of the new state is row index[i] of the old."""
+        for cache in self.self_caches:
+            cache.reorder(index)
+        # cross-attention keys/values only change when the batch rows are regrouped
+        for cache in self.cross_caches:
+            cache.reorder(index)
+
+
+class SpeechTransformer(nn.Module):
+    """An encoder-decoder transformer for speech recognition (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("model config: vocab_size must be set (from the tokenizer) before building the model")
+        self.config = c = config
+        if c.frontend == "whisper":
+            self.frontend: nn.Module = WhisperFrontend(c.n_mels, c.sample_rate)
+        else:
+            self.frontend = LogMelFrontend(c.sample_rate, c.n_mels)
+        self.specaug = SpecAugment(c.specaug_freq_masks, c.specaug_freq_width, c.specaug_time_masks,
+                                   c.specaug_time_width_ratio)
+        if c.subsampling == "conv2d":
+            self.subsampling: nn.Module = Conv2dSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model)
+        else:
+            self.subsampling = Conv1dSubsampling(c.n_mels, c.d_model)
+        self.encoder_positions = SinusoidalPositions(c.max_source_positions, c.d_model)
+        layer_args = (c.d_model, c.n_heads, c.d_ff, c.dropout, c.attention_dropout, c.activation, c.key_bias,
+                      c.layer_norm_eps)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(c.n_encoder_layers))
+        self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+
+        self.embedding = TokenEmbedding(c.vocab_size, c.d_model, c.embed_scale)
+        if c.decoder_positions == "learned":
+            self.decoder_positions: nn.Module = LearnedPositions(c.max_target_positions, c.d_model)
+        else:
+            self.decoder_positions = SinusoidalPositions(c.max_target_positions, c.d_model)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(c.n_decoder_layers))
+        self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+        self.ctc = nn.Linear(c.d_model, c.vocab_size) if c.ctc_head else None
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, wav: Tensor, wav_lengths: Tensor, need_weights: bool = False
+               ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Waveforms [B, samples] -> memory [B, T', D], memory lengths [B], attention maps."""
+        feats, frames = self.frontend(wav, wav_lengths)
+        return self.encode_features(feats, frames, need_weights)
+
+    def encode_features(self, feats: Tensor, frames: Tensor, need_weights: bool = False
+                        ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Frames [B, T, n_mels] -> memory [B, T', D] (the part after the frontend)."""
+        feats = self.specaug(feats, frames)
+        x = self.subsampling(feats)
+        lengths = self.subsampling.output_lengths(frames).clamp(min=1, max=x.shape[1])
+        x = self.dropout(self.encoder_positions(x))
+        mask = self.memory_mask(lengths, x.shape[1])
+        maps = []
+        for layer in self.encoder_layers:
+            x, weights = layer(x, mask, need_weights)
+            if weights is not None:
+                maps.append(weights)
+        return self.encoder_norm(x), lengths, maps
+
+    @staticmethod
+    def memory_mask(lengths: Tensor, max_len: int) -> Tensor | None:
+        """[B, 1, 1, T] boolean key mask (True = real frame), or None if nothing is padded."""
+        if bool((lengths >= max_len).all()):
+            return None
+        return (torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
+
+    # ------------------------------------------------------------------ decoder
+    def decode(self, tokens: Tensor, memory: Tensor, memory_mask: Tensor | None,
+               state: DecoderState | None = None, need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Tokens [B, L] (all of them, or only the new ones when ``state`` caches the past)
+        -> logits [B, L, vocab] and, if asked, the cross-attention maps per layer."""
+        offset = state.offset if state is not None else 0
+        x = self.dropout(self.decoder_positions(self.embedding(tokens), offset=offset))
+        maps = []
+        for i, layer in enumerate(self.decoder_layers):
+            x, weights = layer(
+                x, memory, memory_mask,
+                self_cache=state.self_caches[i] if state is not None else None,
+                cross_cache=state.cross_caches[i] if state is not None else None,
+                need_weights=need_weights,
+            )
+            if weights is not None:
+                maps.append(weights)
+        return self.embedding.logits(self.decoder_norm(x)), maps
+
+    def init_state(self, memory: Tensor, max_len: int) -> DecoderState:
+        """Empty self-attention caches for ``max_len`` tokens and cross-attention caches
+        holding the memory's keys/values, computed once per utterance."""
+        c = self.config
+        b, _, _ = memory.shape
+        head_dim = c.d_model // c.n_heads
+        self_caches, cross_caches = [], []
+        for layer in self.decoder_layers:
+            self_caches.append(KVCache(b, c.n_heads, max_len, head_dim, memory.device, memory.dtype))
+            k, v = layer.cross_attn.project_kv(memory)
+            cross = KVCache(b, c.n_heads, k.shape[2], head_dim, memory.device, k.dtype)
+            cross.append(k, v)
+            cross_caches.append(cross)
+        return DecoderState(self_caches, cross_caches)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, wav: Tensor, wav_lengths: Tensor, tokens: Tensor, token_lengths: Tensor
+                ) -> dict[str, Tensor]:
+        """Losses for a batch. ``tokens`` [B, L] are transcripts without bos/eos, padded
+        anywhere past ``token_lengths``. Returns loss, att_loss, ctc_loss, accuracy."""
+        c = self.config
+        memory, mem_lengths, _ = self.encode(wav, wav_lengths)
+        b, length = tokens.shape
+        positions = torch.arange(length + 1, device=tokens.device)[None, :]
+        real = positions < token_lengths[:, None]  # [B, L+1]
+        padded = torch.cat([tokens, tokens.new_zeros(b, 1)], dim=1)
+        # decoder input: bos t1 .. tn (pad: eos); target: t1 .. tn eos (pad: ignored)
+        dec_in = torch.cat([tokens.new_full((b, 1), c.bos_id), padded[:, :-1]], dim=1)
+        dec_in = torch.where(positions <= token_lengths[:, None], dec_in, c.eos_id)
+        target = torch.where(real, padded, c.eos_id)
+        target = torch.where(positions <= token_lengths[:, None], target, -100)
+
+        logits, _ = self.decode(dec_in, memory, self.memory_mask(mem_lengths, memory.shape[1]))
+        logits = logits.float()
+        att_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                   label_smoothing=c.label_smoothing)
+        valid = target != -100
+        accuracy = ((logits.argmax(-1) == target) & valid).sum() / valid.sum().clamp_min(1)
+        out = {"att_loss": att_loss, "accuracy": accuracy}
+        if self.ctc is not None and c.ctc_weight > 0:
+            log_probs = self.ctc(memory).float().log_softmax(-1).transpose(0, 1)  # [T, B, V]
+            ctc_targets = torch.where(real[:, :-1], tokens, c.blank_id)
+            ctc_loss = F.ctc_loss(log_probs, ctc_targets, mem_lengths, token_lengths, blank=c.blank_id,
+                                  reduction="mean", zero_infinity=True)
+            out["ctc_loss"] = ctc_loss
+            out["loss"] = (1 - c.ctc_weight) * att_loss + c.ctc_weight * ctc_loss
+        else:
+            out["loss"] = att_loss
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,273 @@
+"""From audio files to text with a trained model: loading, batching, long audio, export.
+
+A *model* is either a Lightning checkpoint (``.ckpt``) written by ``speechformer fit`` or
+an inference directory written by ``speechformer export`` (``config.json``,
+``model.safetensors``, ``tokenizer.model``). Both load without unpickling anything:
+checkpoints with ``torch.load(..., weights_only=True)``, weights with safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .audio import AudioError, load_audio, split_long_audio
+from .decoding import DecodeOptions, decode
+from .model import ModelConfig, SpeechTransformer
+from .tokenizer import MODEL_FILE, Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DEFAULT_MAX_SECONDS = 20.0
+
+
+@dataclass
+class ModelBundle:
+    """A model with everything needed to use it."""
+
+    model: SpeechTransformer
+    tokenizer: Tokenizer
+    max_input_seconds: float = DEFAULT_MAX_SECONDS
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` restricted to tensors and plain types: a checkpoint cannot run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any unpickling refusal or corruption
+        raise ValueError(f"{path}: not a loadable speechformer checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); only tensors and plain types "
+                         "are accepted") from err
+
+
+def bundle_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> ModelBundle:
+    meta = ckpt.get("speechformer")
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{source}: no speechformer metadata; was it written by `speechformer fit`?")
+    config = ModelConfig.from_dict(meta["config"])
+    model = SpeechTransformer(config)
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    tokenizer = Tokenizer(meta["tokenizer_model"])
+    return ModelBundle(model.eval(), tokenizer, float(meta.get("max_input_seconds") or DEFAULT_MAX_SECONDS), meta)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
+    """Load a ``.ckpt`` file or an exported model directory."""
+    path = Path(path)
+    if path.is_dir():
+        cfg_path = path / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; export a model with `speechformer export`")
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+        model = SpeechTransformer(ModelConfig.from_dict(meta["model"]))
+        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        tokenizer = Tokenizer.load(path / MODEL_FILE)
+        bundle = ModelBundle(model.eval(), tokenizer, float(meta.get("max_input_seconds", DEFAULT_MAX_SECONDS)),
+                             meta)
+    elif path.is_file():
+        bundle = bundle_from_checkpoint(load_checkpoint(path), str(path))
+    else:
+        raise FileNotFoundError(f"{path}: no such model file or directory")
+    bundle.model.to(device)
+    return bundle
+
+
+def export_model(bundle: ModelBundle, out_dir: str | Path) -> Path:
+    """Write an inference directory: config.json, model.safetensors, tokenizer.model."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
+    save_file(state, str(out / (WEIGHTS_FILE + ".tmp")))
+    os.replace(out / (WEIGHTS_FILE + ".tmp"), out / WEIGHTS_FILE)
+    bundle.tokenizer.save(out)
+    meta = {"format": "speechformer", "model": bundle.model.config.to_dict(),
+            "max_input_seconds": bundle.max_input_seconds,
+            "val_wer": bundle.meta.get("val_wer"), "source": bundle.meta.get("source")}
+    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class AudioItem:
+    """One thing to transcribe: a file, or a segment of one."""
+
+    key: str
+    path: Path
+    offset: float = 0.0
+    duration: float | None = None
+
+
+@dataclass
+class TranscriptResult:
+    key: str
+    path: Path
+    text: str = ""
+    error: str | None = None
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - lightning depends on tqdm
+        return None
+    return tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True)
+
+
+class Transcriber:
+    """Transcribes audio files in batches; long files are cut at quiet points.
+
+    >>> t = Transcriber.from_pretrained("exp/model")          # doctest: +SKIP
+    >>> [r.text for r in t.transcribe(["a.wav", "b.flac"])]    # doctest: +SKIP
+    """
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu", beam_size: int = 1,
+                 batch_seconds: float = 240.0, max_batch_size: int = 32, num_threads: int = 2,
+                 chunk_seconds: float | None = None) -> None:
+        self.bundle = bundle
+        self.model = bundle.model.to(device).eval()
+        self.tokenizer = bundle.tokenizer
+        self.device = torch.device(device)
+        self.options = DecodeOptions(beam_size=beam_size)
+        if batch_seconds <= 0:
+            raise ValueError(f"--batch-seconds must be positive, got {batch_seconds}")
+        self.batch_seconds = batch_seconds
+        self.max_batch_size = max_batch_size
+        self.num_threads = num_threads
+        self.sample_rate = self.model.config.sample_rate
+        self.chunk_seconds = chunk_seconds or bundle.max_input_seconds
+        if self.model.config.frontend == "whisper":
+            self.chunk_seconds = min(self.chunk_seconds, 30.0)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **kwargs: Any
+                        ) -> "Transcriber":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(load_model(path, "cpu"), device=device, **kwargs)
+
+    # --------------------------------------------------------------- public API
+    def transcribe(self, paths: Iterable[str | Path], progress: bool = False,
+                   on_result: Callable[[TranscriptResult], None] | None = None) -> list[TranscriptResult]:
+        """Transcribe files; a file that cannot be read gets ``error`` set, the rest go on."""
+        items = [AudioItem(str(p), Path(p)) for p in paths]
+        return list(self.transcribe_items(items, progress=progress, on_result=on_result))
+
+    def transcribe_items(self, items: Sequence[AudioItem], progress: bool = False,
+                         on_result: Callable[[TranscriptResult], None] | None = None,
+                         window: int = 256) -> Iterator[TranscriptResult]:
+        """Yield results in input order; files are read ``window`` at a time in threads."""
+        bar = _progress(len(items), progress)
+        with ThreadPoolExecutor(max_workers=self.num_threads) as pool:
+            for start in range(0, len(items), window):
+                group = items[start:start + window]
+                loaded = list(pool.map(self._load, group))
+                for result in self._transcribe_loaded(group, loaded):
+                    if on_result is not None:
+                        on_result(result)
+                    if bar is not None:
+                        bar.update(1)
+                    yield result
+        if bar is not None:
+            bar.close()
+
+    @torch.inference_mode()
+    def transcribe_waveforms(self, wavs: Sequence[Tensor]) -> list[str]:
+        """Texts for 1-D float waveforms at the model's sample rate (each within one chunk)."""
+        order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
+        texts: list[str] = [""] * len(wavs)
+        for batch in self._batches([len(wavs[i]) for i in order]):
+            idx = [order[i] for i in batch]
+            for i, text in zip(idx, self._run([wavs[i] for i in idx])):
+                texts[i] = text
+        return texts
+
+    # --------------------------------------------------------------- internals
+    def _load(self, item: AudioItem) -> Tensor | AudioError:
+        try:
+            return load_audio(item.path, self.sample_rate, offset=item.offset, duration=item.duration)
+        except AudioError as err:
+            return err
+        except Exception as err:  # noqa: BLE001 - one bad file must not stop the batch
+            return AudioError(item.path, f"could not be read ({type(err).__name__}: {err})",
+                              "check that it is an audio file")
+
+    def _transcribe_loaded(self, items: Sequence[AudioItem], loaded: Sequence[Tensor | AudioError]
+                           ) -> list[TranscriptResult]:
+        max_samples = int(self.chunk_seconds * self.sample_rate)
+        segments: list[tuple[int, Tensor]] = []  # (item index, waveform piece)
+        results = []
+        for n, (item, wav) in enumerate(zip(items, loaded)):
+            if isinstance(wav, Exception):
+                results.append(TranscriptResult(item.key, item.path, error=str(wav)))
+                continue
+            results.append(TranscriptResult(item.key, item.path, duration=len(wav) / self.sample_rate))
+            if len(wav) <= max_samples:
+                segments.append((n, wav))
+            else:
+                for s, e in split_long_audio(wav, self.sample_rate, self.chunk_seconds):
+                    segments.append((n, wav[s:e]))
+        texts = self.transcribe_waveforms([w for _, w in segments])
+        pieces: dict[int, list[str]] = {}
+        for (n, _), text in zip(segments, texts):
+            if text:
+                pieces.setdefault(n, []).append(text)
+        for n, result in enumerate(results):
+            if result.ok:
+                result.text = " ".join(pieces.get(n, []))
+        return results
+
+    def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
+        """Consecutive index groups of sorted lengths, capped by padded seconds and count."""
+        batch: list[int] = []
+        for i, n in enumerate(lengths):
+            longest = max([n] + [lengths[j] for j in batch[-1:]])
+            if batch and (longest * (len(batch) + 1) > self.batch_seconds * self.sample_rate
+                          or len(batch) >= self.max_batch_size):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def _run(self, wavs: Sequence[Tensor]) -> list[str]:
+        lengths = torch.tensor([len(w) for w in wavs])
+        batch = torch.zeros(len(wavs), int(lengths.max()))
+        for i, w in enumerate(wavs):
+            batch[i, :len(w)] = w
+        memory, mem_lengths, _ = self.model.encode(batch.to(self.device), lengths.to(self.device))
+        ids = decode(self.model, memory, mem_lengths, self.options)
+        return [self.tokenizer.decode(x) for x in ids]

@@ -1,0 +1,339 @@
+"""Tests for speechformer.audio. All audio is generated in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speechformer.audio import (
+    AUDIO_EXTENSIONS,
+    AudioError,
+    audio_info,
+    check_waveform,
+    expand_audio_paths,
+    load_audio,
+    save_audio,
+    split_long_audio,
+)
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0, amp: float = 0.5, channels: int = 1) -> np.ndarray:
+    """A sine tone, shape (frames,) or (frames, channels); channel k has amplitude amp/(k+1)."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    x = amp * np.sin(2 * np.pi * freq * t)
+    if channels == 1:
+        return x.astype(np.float32)
+    return np.stack([x / (k + 1) for k in range(channels)], axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_stereo_8k_pcm16_becomes_mono_16k(tmp_path: Path) -> None:
+    path = tmp_path / "stereo8k.wav"
+    sf.write(path, tone(1.5, 8000, channels=2), 8000, subtype="PCM_16")
+    wav = load_audio(path, sample_rate=16000)
+    assert wav.dtype == torch.float32 and wav.dim() == 1 and wav.is_contiguous()
+    assert wav.numel() == 24000
+    # mono = mean of the channels (amplitudes 0.5 and 0.25) -> peak near 0.375
+    assert 0.33 < float(wav.abs().max()) < 0.42
+
+
+def test_load_without_resampling_matches_file(tmp_path: Path) -> None:
+    x = tone(0.5, 16000)
+    path = tmp_path / "a.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    wav = load_audio(path)
+    np.testing.assert_allclose(wav.numpy(), x, atol=1e-7)
+
+
+def test_flac_44k(tmp_path: Path) -> None:
+    path = tmp_path / "a.flac"
+    sf.write(path, tone(2.0, 44100), 44100)
+    wav = load_audio(path, sample_rate=16000)
+    assert wav.numel() == 32000
+    assert audio_info(path) == (44100, 88200, 1, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("subtype", "tol"),
+    [("PCM_U8", 1e-2), ("PCM_16", 1e-4), ("PCM_24", 1e-6), ("PCM_32", 1e-6), ("FLOAT", 1e-7), ("DOUBLE", 1e-7)],
+)
+def test_sample_formats(tmp_path: Path, subtype: str, tol: float) -> None:
+    x = tone(0.25, 16000, amp=0.5)
+    path = tmp_path / f"{subtype}.wav"
+    sf.write(path, x, 16000, subtype=subtype)
+    assert sf.info(path).subtype == subtype
+    wav = load_audio(path)
+    assert wav.dtype == torch.float32
+    np.testing.assert_allclose(wav.numpy(), x, atol=tol)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 6, 8])
+@pytest.mark.parametrize("rate", [8000, 22050, 48000, 96000])
+def test_channels_and_rates(tmp_path: Path, channels: int, rate: int) -> None:
+    path = tmp_path / "x.wav"
+    sf.write(path, tone(0.5, rate, channels=channels), rate, subtype="PCM_16")
+    assert audio_info(path)[2] == channels
+    assert load_audio(path, sample_rate=16000).numel() == 8000
+
+
+@pytest.mark.parametrize(
+    ("ext", "fmt", "subtype"),
+    [(".ogg", "OGG", "VORBIS"), (".opus", "OGG", "OPUS"), (".mp3", "MP3", "MPEG_LAYER_III")],
+)
+def test_compressed_formats(tmp_path: Path, ext: str, fmt: str, subtype: str) -> None:
+    if ext not in AUDIO_EXTENSIONS:
+        pytest.skip(f"this libsndfile cannot read {ext}")
+    path = tmp_path / f"a{ext}"
+    sf.write(path, tone(1.0, 48000), 48000, format=fmt, subtype=subtype)
+    wav = load_audio(path, sample_rate=16000)
+    # lossy codecs may add a little encoder padding
+    assert abs(wav.numel() - 16000) < 1600
+    assert float(wav.abs().max()) > 0.3
+
+
+def test_audio_extensions_are_readable_formats() -> None:
+    formats = sf.available_formats()
+    assert ".wav" in AUDIO_EXTENSIONS and ".flac" in AUDIO_EXTENSIONS
+    assert ".m4a" not in AUDIO_EXTENSIONS  # libsndfile has no AAC decoder
+    by_ext = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".opus": "OGG", ".mp3": "MP3"}
+    for ext in AUDIO_EXTENSIONS:
+        assert by_ext[ext] in formats
+
+
+def test_offset_and_duration(tmp_path: Path) -> None:
+    rate = 8000
+    ramp = (np.arange(3 * rate, dtype=np.float32) / (3 * rate)) * 0.9 + 0.05  # 3 s, unique values
+    path = tmp_path / "ramp.wav"
+    sf.write(path, ramp, rate, subtype="FLOAT")
+    seg = load_audio(path, sample_rate=rate, offset=1.0, duration=0.5)
+    np.testing.assert_allclose(seg.numpy(), ramp[rate : rate + rate // 2], atol=1e-7)
+    tail = load_audio(path, sample_rate=rate, offset=2.5)
+    np.testing.assert_allclose(tail.numpy(), ramp[int(2.5 * rate) :], atol=1e-7)
+    clipped = load_audio(path, sample_rate=rate, offset=2.75, duration=10.0)
+    assert clipped.numel() == rate // 4
+    resampled = load_audio(path, sample_rate=16000, offset=1.0, duration=0.5)
+    assert resampled.numel() == 8000
+    with pytest.raises(AudioError, match="past the end"):
+        load_audio(path, sample_rate=rate, offset=3.0)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_corrupt_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "corrupt_utt_0042.wav"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(AudioError) as info:
+        load_audio(path)
+    assert "corrupt_utt_0042.wav" in str(info.value)
+    assert info.value.path == str(path)
+    assert str(info.value).startswith(f"{path}: ")
+    with pytest.raises(AudioError, match="corrupt_utt_0042.wav"):
+        audio_info(path)
+
+
+def test_truncated_wav(tmp_path: Path) -> None:
+    path = tmp_path / "trunc.wav"
+    sf.write(path, tone(1.0, 16000), 16000, subtype="PCM_16")
+    path.write_bytes(path.read_bytes()[:30])  # header cut in half
+    with pytest.raises(AudioError, match="trunc.wav"):
+        load_audio(path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.wav"
+    path.touch()
+    with pytest.raises(AudioError, match=r"empty\.wav: file is empty"):
+        load_audio(path)
+
+
+def test_wav_with_no_samples(tmp_path: Path) -> None:
+    path = tmp_path / "nosamples.wav"
+    sf.write(path, np.zeros(0, dtype=np.float32), 16000, subtype="PCM_16")
+    with pytest.raises(AudioError, match="no samples"):
+        load_audio(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.wav"
+    with pytest.raises(AudioError, match="nope.wav: file not found"):
+        load_audio(path)
+    with pytest.raises(AudioError, match="file not found"):
+        audio_info(path)
+
+
+def test_nan_samples(tmp_path: Path) -> None:
+    x = tone(0.5, 16000)
+    x[100] = np.nan
+    x[200] = np.inf
+    path = tmp_path / "nan.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"nan\.wav: contains 2 NaN/inf"):
+        load_audio(path)
+
+
+def test_silent_only(tmp_path: Path) -> None:
+    path = tmp_path / "silence.wav"
+    save_audio(path, np.zeros(16000, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match="contains only silence"):
+        load_audio(path)
+
+
+def test_check_waveform() -> None:
+    out = check_waveform(torch.tensor([0.1, -0.2], dtype=torch.float64), "x")
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    with pytest.raises(AudioError, match="shape"):
+        check_waveform(torch.ones(2, 100), "x")
+    with pytest.raises(AudioError, match="no samples"):
+        check_waveform(torch.zeros(0), "x")
+    with pytest.raises(AudioError, match="NaN"):
+        check_waveform(torch.tensor([0.1, float("nan")]), "x")
+    with pytest.raises(AudioError, match="only silence"):
+        check_waveform(torch.full((100,), 1e-7), "x")
+    assert check_waveform(torch.full((100,), 1e-5), "x").numel() == 100
+
+
+def test_save_audio_writes_pcm16(tmp_path: Path) -> None:
+    path = save_audio(tmp_path / "sub" / "out.wav", torch.from_numpy(tone(0.5, 16000)), 16000)
+    info = sf.info(path)
+    assert (info.samplerate, info.frames, info.subtype) == (16000, 8000, "PCM_16")
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _touch_wav(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_audio(path, tone(0.1, 16000), 16000)
+    return path
+
+
+def test_expand_folder_recursive_sorted(tmp_path: Path) -> None:
+    b = _touch_wav(tmp_path / "d" / "b.wav")
+    a = _touch_wav(tmp_path / "d" / "a.WAV")
+    c = _touch_wav(tmp_path / "d" / "sub" / "c.wav")
+    (tmp_path / "d" / "notes.txt").write_text("not audio")
+    assert expand_audio_paths([tmp_path / "d"]) == [a, b, c]
+
+
+def test_expand_glob_file_order_and_duplicates(tmp_path: Path) -> None:
+    a = _touch_wav(tmp_path / "x" / "a.wav")
+    b = _touch_wav(tmp_path / "x" / "b.wav")
+    c = _touch_wav(tmp_path / "y" / "deep" / "c.wav")
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\0")
+    got = expand_audio_paths([str(b), f"{tmp_path}/x/*.wav", odd, f"{tmp_path}/y/**/*.wav", a])
+    assert got == [b, a, odd, c]
+
+
+def test_expand_missing_raises(tmp_path: Path) -> None:
+    _touch_wav(tmp_path / "a.wav")
+    with pytest.raises(FileNotFoundError, match="missing_thing"):
+        expand_audio_paths([tmp_path / "a.wav", tmp_path / "missing_thing"])
+    with pytest.raises(FileNotFoundError, match=r"\*\.flac"):
+        expand_audio_paths([f"{tmp_path}/*.flac"])
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(FileNotFoundError, match="emptydir"):
+        expand_audio_paths([tmp_path / "emptydir"])
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def _bursts(rate: int, burst_s: list[float], gap_s: float, lead_s: float = 0.5) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Tone bursts separated by digital silence; returns the signal and burst spans."""
+    parts, spans, pos = [np.zeros(int(lead_s * rate), np.float32)], [], int(lead_s * rate)
+    for i, b in enumerate(burst_s):
+        t = tone(b, rate, freq=300 + 100 * i)
+        parts.append(t)
+        spans.append((pos, pos + t.size))
+        pos += t.size
+        g = np.zeros(int(gap_s * rate), np.float32)
+        parts.append(g)
+        pos += g.size
+    return np.concatenate(parts), spans
+
+
+def _check_chunks(chunks: list[tuple[int, int]], n: int, max_len: int, spans: list[tuple[int, int]]) -> None:
+    assert chunks, "no chunks"
+    for s, e in chunks:
+        assert 0 <= s < e <= n
+        assert e - s <= max_len
+    for (_, e1), (s2, _) in zip(chunks, chunks[1:]):
+        assert e1 <= s2, "chunks overlap or are out of order"
+    covered = np.zeros(n, bool)
+    for s, e in chunks:
+        covered[s:e] = True
+    for s, e in spans:
+        assert covered[s:e].all(), f"speech {s}-{e} not covered"
+
+
+def test_split_cuts_in_silences() -> None:
+    rate = 16000
+    x, spans = _bursts(rate, [1.5, 1.0, 1.8], gap_s=1.0)
+    max_s = 2.5
+    chunks = split_long_audio(torch.from_numpy(x), rate, max_seconds=max_s)
+    _check_chunks(chunks, x.size, int(max_s * rate), spans)
+    assert len(chunks) == 3
+    # every cut point lies in silence: no burst straddles a chunk boundary
+    for s, e in chunks:
+        for bs, be in spans:
+            assert be <= s or bs >= e or (s <= bs and be <= e)
+    # the boundaries between chunks are in the gaps, near their middle
+    for (_, e1), (s2, _) in zip(chunks, chunks[1:]):
+        gap = next((be, bs2) for (_, be), (bs2, _) in zip(spans, spans[1:]) if be <= e1 <= bs2)
+        assert gap[0] <= s2 <= gap[1]
+
+
+def test_split_merges_short_bursts() -> None:
+    rate = 16000
+    x, spans = _bursts(rate, [0.5, 0.5, 0.5, 0.5], gap_s=0.6)
+    chunks = split_long_audio(x, rate, max_seconds=2.0)
+    _check_chunks(chunks, x.size, 32000, spans)
+    # two bursts (0.5 + 0.6 + 0.5 s = 1.6 s) fit in one 2 s chunk
+    assert len(chunks) == 2
+
+
+def test_split_hard_splits_long_speech() -> None:
+    rate = 16000
+    x, spans = _bursts(rate, [7.3], gap_s=0.5)
+    chunks = split_long_audio(x, rate, max_seconds=3.0, min_seconds=1.0)
+    _check_chunks(chunks, x.size, 48000, spans)
+    assert len(chunks) == 3
+    assert all(e - s >= rate for s, e in chunks)
+
+
+def test_split_hard_split_uses_quietest_point() -> None:
+    rate = 16000
+    x, spans = _bursts(rate, [5.0], gap_s=0.5)
+    dip = (spans[0][0] + int(2.2 * rate), spans[0][0] + int(2.3 * rate))
+    x[dip[0] : dip[1]] *= 0.03  # quieter, but not silence at top_db=40
+    chunks = split_long_audio(x, rate, max_seconds=3.0)
+    _check_chunks(chunks, x.size, 48000, spans)
+    assert len(chunks) == 2
+    assert dip[0] <= chunks[0][1] == chunks[1][0] <= dip[1]
+
+
+def test_split_with_background_noise() -> None:
+    rate = 16000
+    x, spans = _bursts(rate, [1.2, 0.8, 1.5, 0.9, 1.1], gap_s=0.8)
+    x = x + np.random.default_rng(0).normal(0, 1e-3, x.size).astype(np.float32)  # ~ -54 dB below the tones
+    chunks = split_long_audio(x, rate, max_seconds=3.0)
+    _check_chunks(chunks, x.size, 48000, spans)
+    for s, e in chunks[1:]:
+        assert not any(bs < s < be for bs, be in spans), "cut inside a burst"
+
+
+def test_split_short_and_silent() -> None:
+    rate = 16000
+    x = tone(1.0, rate)
+    assert split_long_audio(x, rate, max_seconds=5.0) == [(0, rate)]
+    assert split_long_audio(np.zeros(10 * rate, np.float32), rate, max_seconds=2.0) == []
+    with pytest.raises(ValueError):
+        split_long_audio(x, rate, max_seconds=1.0, min_seconds=1.0)
