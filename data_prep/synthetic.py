@@ -116,6 +116,13 @@ NOUNS = _words(
     answer plan list message sandal helmet engine button candle toothbrush hairbrush
     teapot saucer napkin jug barrel crate parcel package bone carton notebook sticker
     magnet compass telescope microscope globe trophy medal crown sword shield arrow
+    apron blender fridge oven stove sink toaster heater fan vase rug cushion quilt
+    mattress hanger zipper pin clip ladle whisk grater flask lunchbox cone donut cupcake
+    waffle pretzel noodle dumpling omelet salad pea plum apricot coconut pineapple mango
+    walnut peanut almond raisin olive radish turnip mushroom hamster gorilla kangaroo
+    penguin ostrich swan pigeon crow seagull lizard crab lobster snail worm beetle moth
+    bat bull lamb calf hen rooster ruler eraser stapler folder locker mailbox doorbell
+    chimney staircase elevator wagon sled scooter skateboard canoe raft anchor paddle
     """
 )
 """Countable concrete nouns (duplicates are removed when the lists are frozen)."""
@@ -128,7 +135,9 @@ PLACES = _words(
     classroom bathroom bedroom hallway basement attic balcony yard forest jungle valley
     meadow corner square mall campus studio laboratory cottage cabin barn stable port pier
     lighthouse palace temple workshop warehouse hall cellar greenhouse orchard dentist
-    gallery canteen bookshop barbershop bus kindergarten university aquarium
+    gallery canteen bookshop barbershop bus kindergarten university aquarium marina
+    arcade laundry diner motel hostel chapel plaza avenue highway countryside seaside
+    riverbank waterfall cave volcano canyon harbor bakery
     """
 )
 """Places, used after 'the' with in/at/near/to."""
@@ -149,6 +158,8 @@ ADJECTIVES = _words(
     ordinary secret hidden missing lost favorite important dangerous safe healthy sick
     lonely messy neat tidy cozy chilly quick wild tame loyal clumsy grumpy cheerful jolly
     elegant enormous tiny glad fair wise silent sticky muddy smelly shallow deep
+    brilliant gloomy damp soggy crispy creamy fragile sturdy tough tender bumpy silky
+    greasy rotten ripe stale spotless faded crooked curly straight bald cranky
     """
 )
 """Adjectives; 'orange', 'square' and 'giant' double as nouns."""
@@ -197,8 +208,8 @@ MOTION_VERBS = _words(
 ADVERBS = _words(
     """
     quickly slowly quietly loudly carefully happily sadly suddenly gently softly together
-    again alone easily badly calmly eagerly nervously patiently politely proudly often
-    sometimes always usually finally silently smoothly safely bravely kindly wisely
+    again alone easily badly calmly eagerly nervously patiently politely proudly
+    finally silently smoothly safely bravely kindly wisely
     lazily angrily cheerfully honestly neatly early late outside upstairs downstairs
     """
 )
@@ -334,6 +345,7 @@ _IRREGULAR_PLURALS = {
     "bus": "buses",
     "goose": "geese",
     "scarf": "scarves",
+    "calf": "calves",
 }
 _DOUBLING = frozenset(
     "drop grab hug stir chop trim scrub knit skip jog nod hum clap dig cut hit spin sit "
@@ -432,44 +444,113 @@ def article(word: str) -> str:
 # --------------------------------------------------------------------------------------
 
 TEMPLATES: tuple[str, ...] = (
-    "the {adj} {noun} {tv.past} the {noun}",
-    "{name} will {tv} {num} {nouns} {pprep} the {place}",
-    "did you {tv} the {adj} {noun} {time.past} ?",
-    "{name} {iv.past} {adv} {pprep} the {place}",
-    "where is the {adj} {noun} ?",
-    "where are my {adj} {nouns} ?",
-    "my {noun} is {deg} {adj}",
-    "{name} and {name} {mv.past} to the {place} {time.past}",
-    "please {tv} the {noun} {oprep} the {noun}",
-    "we are {tv.ing} {num} {nouns} {time.now}",
-    "how many {nouns} did {name} {tv} ?",
-    "there are {num} {adj} {nouns} {pprep} the {place}",
-    "the {noun} {iv.past} {adv} {time.past}",
-    "can you {tv} {a_adj_noun} for {name} ?",
-    "{name} {tv.s} the {nouns} every {day}",
-    "why did the {noun} {mv} to the {place} ?",
+    # statements, past
+    "the {adj} {noun} {tv.past} the {nouns}",
     "{pron} {tv.past} {a_adj_noun} {time.past}",
-    "{name} is {iv.ing} {pprep} the {place}",
-    "the {nouns} are {deg} {adj} {time.now}",
-    "is your {noun} {deg} {adj} ?",
-    "{pron} will never {tv} that {adj} {noun} again",
-    "{name} wants to {tv} the {adj} {noun}",
-    "i think the {noun} is {oprep} the {place}",
-    "{name} said the {noun} was {deg} {adj}",
-    "let us {tv} the {nouns} after {meal}",
-    "who {tv.past} the {adj} {noun} ?",
-    "{name} {mv.past} {adv} to the {place}",
-    "the {noun} and the {noun} are {adj}",
-    "when will {name} {tv} the {nouns} ?",
-    "{pron} will {tv} the {adj} {nouns} {time.future}",
-    "{name} has {num} {adj} {nouns}",
-    "{pron} saw {num} {nouns} {oprep} the {noun}",
-    "do you want {a_noun} or {a_noun} ?",
     "{name} {tv.past} the {noun} in {month}",
+    "{name} {tv.past} the {adj} {nouns}",
+    "{pron} {tv.past} {num} {nouns} for the {noun}",
+    "our {adj} {noun} {tv.past} {a_noun}",
+    "the {nouns} {tv.past} the {noun}",
+    "{name} {iv.past} {adv} {pprep} the {place}",
+    "the {noun} {iv.past} {adv} {time.past}",
+    "the {nouns} {iv.past} {oprep} the {noun}",
+    "{name} and {name} {mv.past} to the {place} {time.past}",
+    "{name} {mv.past} {adv} to the {place}",
+    "the {nouns} {mv.past} to the {noun}",
+    "{pron} saw {num} {nouns} {oprep} the {noun}",
+    "{name} said the {nouns} were {deg} {adj}",
+    "{name} was {tv.ing} {a_noun} {time.past}",
+    "the {nouns} were {tv.ing} the {noun}",
+    "the {noun} was {tv.ing} {a_noun}",
+    # statements, present
+    "{name} {tv.s} the {nouns} every {day}",
+    "{name} often {tv.s} {a_adj_noun}",
+    "my {noun} never {tv.s} the {nouns}",
+    "nobody {tv.s} the {adj} {nouns}",
+    "{name} {tv.s} {num} {nouns} {time.now}",
+    "{name} {tv.s} the {noun} {adv}",
+    "everyone {tv.s} {a_adj_noun}",
+    "{name} {tv.s} {nouns} on {day}",
+    "we are {tv.ing} {num} {nouns} {time.now}",
+    "{name} is {tv.ing} the {adj} {nouns} {time.now}",
+    "they are {tv.ing} the {noun} {time.now}",
+    "stop {tv.ing} the {nouns}",
+    "{name} {iv.s} {pprep} the {place} every {day}",
+    "{name} {iv.s} {adv} every {day}",
+    "{name} is {iv.ing} {pprep} the {place}",
     "the {adj} {noun} is {iv.ing} {adv}",
+    "we like to {iv} {pprep} the {place}",
+    "please do not {iv} {pprep} the {place}",
+    "{pron} can {iv} {adv} {pprep} the {place}",
+    "the {noun} {mv.s} to the {place} every {day}",
+    "{name} {mv.s} to the {place} {adv}",
+    "{name} is {mv.ing} to the {place} {time.now}",
+    "my {noun} is {deg} {adj}",
+    "the {nouns} are {deg} {adj} {time.now}",
+    "the {noun} and the {noun} are {adj}",
+    "there are {num} {adj} {nouns} {pprep} the {place}",
+    "{name} has {num} {adj} {nouns}",
+    "i think the {noun} is {oprep} the {noun}",
+    # statements, future and requests
+    "{name} will {tv} {num} {nouns} {pprep} the {place}",
+    "{pron} will {tv} the {adj} {nouns} {time.future}",
+    "{pron} will never {tv} that {adj} {noun} again",
+    "{name} wants to {tv} the {nouns}",
+    "please {tv} the {nouns} {oprep} the {noun}",
+    "let us {tv} the {nouns} after {meal}",
+    # questions
+    "did you {tv} the {adj} {noun} {time.past} ?",
+    "how many {nouns} did {name} {tv} ?",
+    "can you {tv} {a_adj_noun} for {name} ?",
+    "when will {name} {tv} the {nouns} ?",
+    "who {tv.past} the {noun} and the {nouns} ?",
+    "why did the {noun} {mv} to the {place} ?",
+    "can {name} {mv} to the {place} ?",
+    "why are the {nouns} {iv.ing} ?",
+    "where is the {adj} {noun} ?",
+    "where are my {nouns} ?",
+    "is your {noun} {deg} {adj} ?",
+    "are the {nouns} {oprep} the {noun} ?",
+    "do you want {a_noun} or {a_noun} ?",
 )
 """Sentence templates. ``{slot}`` is filled from a word deck; a final ``?`` marks a
 question, which is spoken with question intonation but not written in the transcript."""
+
+def _verb_forms(verbs: Sequence[Verb], prefix: str) -> dict[str, tuple[str, ...]]:
+    return {
+        prefix: _unique([v.base for v in verbs]),
+        f"{prefix}.s": _unique([v.third for v in verbs]),
+        f"{prefix}.past": _unique([v.past for v in verbs]),
+        f"{prefix}.ing": _unique([v.ing for v in verbs]),
+    }
+
+
+SLOTS: dict[str, tuple[str, ...]] = {
+    "noun": _NOUNS,
+    "nouns": _unique([plural(n) for n in _NOUNS]),
+    "place": _PLACES,
+    "adj": _ADJECTIVES,
+    **_verb_forms(_TRANSITIVE, "tv"),
+    **_verb_forms(_INTRANSITIVE, "iv"),
+    **_verb_forms(_MOTION, "mv"),
+    "adv": _unique(ADVERBS),
+    "deg": DEGREES,
+    "name": _unique(NAMES),
+    "pron": PRONOUNS,
+    "time.past": PAST_TIMES,
+    "time.future": FUTURE_TIMES,
+    "time.now": PRESENT_TIMES,
+    "day": DAYS,
+    "month": MONTHS,
+    "meal": MEALS,
+    "oprep": OBJECT_PREPOSITIONS,
+    "pprep": PLACE_PREPOSITIONS,
+    "num.small": _NUMBERS[:11],
+    "num.any": _NUMBERS,
+}
+"""Word deck for each slot kind. ``{num}``, ``{a_noun}`` and ``{a_adj_noun}`` are
+composed from these decks (see :meth:`SentenceGenerator._fill`)."""
 
 MIN_WORDS = 4
 MAX_WORDS = 9
@@ -497,6 +578,8 @@ class _Deck:
 class SentenceGenerator:
     """Seeded sentence source over :data:`TEMPLATES` and the word lists.
 
+    Every slot kind (``noun``, ``nouns``, ``tv.past`` ...) has its own deck of surface
+    forms, so each inflected form, not just each lemma, comes round equally often.
     The same seed yields the same sequence of sentences. ``next()`` returns
     ``(transcript, spoken_text)``: the transcript is lower case without punctuation;
     the spoken text adds a final ``.`` or ``?`` so eSpeak uses the right intonation.
@@ -504,69 +587,21 @@ class SentenceGenerator:
 
     def __init__(self, seed: int) -> None:
         self._rng = random.Random(f"sentences-{seed}")
-        rng = self._rng
-        self._templates = _Deck(TEMPLATES, rng)
-        self._nouns = _Deck(_NOUNS, rng)
-        self._places = _Deck(_PLACES, rng)
-        self._adjectives = _Deck(_ADJECTIVES, rng)
-        self._transitive = _Deck(_TRANSITIVE, rng)
-        self._intransitive = _Deck(_INTRANSITIVE, rng)
-        self._motion = _Deck(_MOTION, rng)
-        self._adverbs = _Deck(ADVERBS, rng)
-        self._degrees = _Deck(DEGREES, rng)
-        self._names = _Deck(NAMES, rng)
-        self._pronouns = _Deck(PRONOUNS, rng)
-        self._past_times = _Deck(PAST_TIMES, rng)
-        self._future_times = _Deck(FUTURE_TIMES, rng)
-        self._present_times = _Deck(PRESENT_TIMES, rng)
-        self._days = _Deck(DAYS, rng)
-        self._months = _Deck(MONTHS, rng)
-        self._meals = _Deck(MEALS, rng)
-        self._object_preps = _Deck(OBJECT_PREPOSITIONS, rng)
-        self._place_preps = _Deck(PLACE_PREPOSITIONS, rng)
-        self._small_numbers = _Deck(_NUMBERS[:11], rng)  # two .. twelve
-        self._numbers = _Deck(_NUMBERS, rng)
-
-    def _number(self) -> str:
-        # Small counts are more natural; larger ones still cover all number words.
-        return (self._small_numbers if self._rng.random() < 0.6 else self._numbers).draw()
+        self._templates = _Deck(TEMPLATES, self._rng)
+        self._decks = {slot: _Deck(words, self._rng) for slot, words in SLOTS.items()}
 
     def _fill(self, slot: str) -> str:
         """Return the words for one ``{slot}``."""
-        fillers: dict[str, Callable[[], str]] = {
-            "noun": self._nouns.draw,
-            "nouns": lambda: plural(self._nouns.draw()),
-            "place": self._places.draw,
-            "adj": self._adjectives.draw,
-            "tv": lambda: self._transitive.draw().base,
-            "tv.s": lambda: self._transitive.draw().third,
-            "tv.past": lambda: self._transitive.draw().past,
-            "tv.ing": lambda: self._transitive.draw().ing,
-            "iv.past": lambda: self._intransitive.draw().past,
-            "iv.ing": lambda: self._intransitive.draw().ing,
-            "mv": lambda: self._motion.draw().base,
-            "mv.past": lambda: self._motion.draw().past,
-            "adv": self._adverbs.draw,
-            "deg": self._degrees.draw,
-            "name": self._names.draw,
-            "pron": self._pronouns.draw,
-            "time.past": self._past_times.draw,
-            "time.future": self._future_times.draw,
-            "time.now": self._present_times.draw,
-            "day": self._days.draw,
-            "month": self._months.draw,
-            "meal": self._meals.draw,
-            "oprep": self._object_preps.draw,
-            "pprep": self._place_preps.draw,
-            "num": self._number,
-        }
+        if slot == "num":
+            # Small counts are more natural; larger ones still cover every number word.
+            return self._decks["num.small" if self._rng.random() < 0.5 else "num.any"].draw()
         if slot == "a_noun":
-            noun = self._nouns.draw()
+            noun = self._decks["noun"].draw()
             return f"{article(noun)} {noun}"
         if slot == "a_adj_noun":
-            adj, noun = self._adjectives.draw(), self._nouns.draw()
+            adj, noun = self._decks["adj"].draw(), self._decks["noun"].draw()
             return f"{article(adj)} {adj} {noun}"
-        return fillers[slot]()
+        return self._decks[slot].draw()
 
     def next(self) -> tuple[str, str]:
         """Return the next ``(transcript, spoken_text)`` with 4 to 9 words."""
@@ -589,19 +624,13 @@ class SentenceGenerator:
 
 
 def vocabulary() -> frozenset[str]:
-    """Every distinct word the grammar can produce (word lists, inflections, templates)."""
-    words: set[str] = set()
-    words.update(_NOUNS, map(plural, _NOUNS), _PLACES, _ADJECTIVES, ADVERBS, DEGREES)
-    words.update(NAMES, PRONOUNS, DAYS, MONTHS, MEALS)
-    for verbs in (_TRANSITIVE, _INTRANSITIVE, _MOTION):
-        for verb in verbs:
-            words.update((verb.base, verb.third, verb.past, verb.ing))
-    for phrases in (PAST_TIMES, FUTURE_TIMES, PRESENT_TIMES, OBJECT_PREPOSITIONS, PLACE_PREPOSITIONS, _NUMBERS):
-        for phrase in phrases:
-            words.update(phrase.split())
+    """Every distinct word the grammar can produce (slot decks plus template words)."""
+    words: set[str] = {"a", "an"}
+    for entries in SLOTS.values():
+        for entry in entries:
+            words.update(entry.split())
     for template in TEMPLATES:
         words.update(t for t in template.split() if not t.startswith("{") and t != "?")
-    words.update(("a", "an"))
     return frozenset(words)
 
 

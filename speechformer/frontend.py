@@ -27,9 +27,12 @@ class LogMelFrontend(nn.Module):
         super().__init__()
         self.hop_length = int(sample_rate * hop_ms / 1000)
         win_length = int(sample_rate * win_ms / 1000)
+        self.n_fft = max(n_fft, win_length)
+        # center=False on explicitly zero-padded audio: an utterance gets the same frames
+        # alone or padded inside a batch (reflect padding would differ at the end)
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=max(n_fft, win_length), win_length=win_length,
-            hop_length=self.hop_length, n_mels=n_mels, power=2.0, center=True,
+            sample_rate=sample_rate, n_fft=self.n_fft, win_length=win_length,
+            hop_length=self.hop_length, n_mels=n_mels, power=2.0, center=False,
         )
         self.register_buffer("mean", torch.zeros(n_mels))
         self.register_buffer("std", torch.ones(n_mels))
@@ -41,7 +44,9 @@ class LogMelFrontend(nn.Module):
     def log_mel(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Un-normalised log-mel frames (float32 whatever the autocast) and their lengths."""
         with torch.autocast(device_type=wav.device.type, enabled=False):
-            x = self.mel(wav.float()).clamp_min(1e-10).log().transpose(1, 2)
+            half = self.n_fft // 2
+            x = self.mel(torch.nn.functional.pad(wav.float(), (half, half)))
+            x = x.clamp_min(1e-10).log().transpose(1, 2)
         return x, self.frame_lengths(lengths)
 
     def forward(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

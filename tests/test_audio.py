@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from speechformer.audio import (
     AUDIO_EXTENSIONS,
@@ -320,6 +322,18 @@ def test_split_hard_split_uses_quietest_point() -> None:
     assert dip[0] <= chunks[0][1] == chunks[1][0] <= dip[1]
 
 
+def test_split_hard_split_respects_min_seconds() -> None:
+    rate = 16000
+    x, spans = _bursts(rate, [6.4], gap_s=0.1)
+    start = spans[0][0]
+    for at in (2.9, 5.8):  # a dip 0.6 s before the end would leave a too-short last piece
+        x[start + int(at * rate) : start + int((at + 0.05) * rate)] *= 0.03
+    chunks = split_long_audio(x, rate, max_seconds=3.0, min_seconds=1.0)
+    _check_chunks(chunks, x.size, 48000, spans)
+    assert len(chunks) == 3
+    assert all(e - s >= rate for s, e in chunks)
+
+
 def test_split_with_background_noise() -> None:
     rate = 16000
     x, spans = _bursts(rate, [1.2, 0.8, 1.5, 0.9, 1.1], gap_s=0.8)
@@ -337,3 +351,19 @@ def test_split_short_and_silent() -> None:
     assert split_long_audio(np.zeros(10 * rate, np.float32), rate, max_seconds=2.0) == []
     with pytest.raises(ValueError):
         split_long_audio(x, rate, max_seconds=1.0, min_seconds=1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bursts=st.lists(st.floats(0.1, 4.0), min_size=1, max_size=6),
+    gap=st.floats(0.3, 1.5),
+    max_s=st.floats(1.5, 5.0),
+)
+def test_split_invariants(bursts: list[float], gap: float, max_s: float) -> None:
+    """Whatever the layout: chunks fit max_seconds, are ordered, and cover every burst."""
+    rate = 8000
+    x, spans = _bursts(rate, bursts, gap_s=gap)
+    chunks = split_long_audio(x, rate, max_seconds=max_s, min_seconds=0.5)
+    if x.size <= int(max_s * rate):
+        assert chunks == [(0, x.size)]
+    _check_chunks(chunks, x.size, int(max_s * rate), spans)

@@ -1,0 +1,154 @@
+"""Manifests, the duration-bucketing sampler (incl. its DDP property), collate, tokenizer, frontend."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from speechformer.data import DurationBatchSampler, ManifestError, collate, read_manifest
+from speechformer.frontend import LogMelFrontend, SpecAugment
+from speechformer.tokenizer import Tokenizer, train_tokenizer
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven green parrots sing about "
+         "rivers mountains and quiet evenings don't stop").split()
+
+
+def _durations(n: int, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.uniform(0.5, 12.0) for _ in range(n)]
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [7, 50, 333])
+def test_sampler_every_rank_same_count_every_utterance_once(replicas, n):
+    durations = _durations(n, seed=n)
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(replicas):
+            s = DurationBatchSampler(durations, max_seconds=30.0, num_replicas=replicas, rank=rank, seed=3)
+            s.set_epoch(epoch)
+            batches = list(s)
+            assert len(batches) == len(s)
+            per_rank.append(batches)
+        assert len({len(b) for b in per_rank}) == 1, "every rank must get the same number of batches"
+        seen = [i for batches in per_rank for batch in batches for i in batch]
+        assert sorted(seen) == list(range(n)), "every utterance exactly once per epoch"
+
+
+def test_sampler_caps_padded_seconds_and_buckets_by_length():
+    durations = _durations(500)
+    s = DurationBatchSampler(durations, max_seconds=40.0)
+    batches = list(s)
+    for b in batches:
+        assert len(b) == 1 or max(durations[i] for i in b) * len(b) <= 40.0
+    padded = sum(max(durations[i] for i in b) * len(b) for b in batches)
+    assert sum(durations) / padded > 0.85  # bucketing keeps padding small
+    # a new epoch reshuffles; the same epoch is reproducible
+    s.set_epoch(1)
+    assert list(s) != batches
+    s.set_epoch(0)
+    assert list(s) == batches
+
+
+def test_sampler_rejects_bad_settings():
+    with pytest.raises(ValueError, match="max_seconds"):
+        DurationBatchSampler([1.0], max_seconds=0)
+    with pytest.raises(ValueError, match="cannot be shared"):
+        DurationBatchSampler([1.0], max_seconds=10, num_replicas=2)
+
+
+def test_manifest_reading_resolves_paths_and_reports_bad_lines(tmp_path):
+    m = tmp_path / "sub" / "m.jsonl"
+    m.parent.mkdir()
+    m.write_text(json.dumps({"id": "a", "audio": "wavs/a.wav", "duration": 1.5, "text": "hi"}) + "\n"
+                 + json.dumps({"id": "b", "audio": "/abs/b.wav", "duration": 2, "text": "yo", "offset": 1.0}) + "\n")
+    utts = read_manifest(m)
+    assert utts[0].audio == m.parent / "wavs/a.wav"
+    assert str(utts[1].audio) == "/abs/b.wav" and utts[1].offset == 1.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "audio": "a.wav", "duration": 1}) + "\n{not json\n")
+    with pytest.raises(ManifestError, match=r"bad.jsonl:2: not valid JSON"):
+        read_manifest(bad)
+    bad.write_text(json.dumps({"id": "a", "audio": "a.wav", "duration": -1}) + "\n")
+    with pytest.raises(ManifestError, match=r":1: duration must be positive"):
+        read_manifest(bad)
+    bad.write_text("".join(json.dumps({"id": "a", "audio": "a.wav", "duration": 1}) + "\n" for _ in range(2)))
+    with pytest.raises(ManifestError, match=r":2: duplicate id"):
+        read_manifest(bad)
+
+
+def test_collate_pads_and_keeps_lengths():
+    items = [{"id": "a", "text": "x", "wav": torch.ones(5), "tokens": torch.tensor([5, 6])},
+             {"id": "b", "text": "y", "wav": torch.ones(3), "tokens": torch.tensor([7, 8, 9])}]
+    batch = collate(items)
+    assert batch["wav"].shape == (2, 5) and batch["wav_lengths"].tolist() == [5, 3]
+    assert batch["wav"][1, 3:].abs().sum() == 0
+    assert batch["tokens"].tolist() == [[5, 6, 0], [7, 8, 9]] and batch["token_lengths"].tolist() == [2, 3]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(300)]
+    return train_tokenizer(texts, 80, tmp_path_factory.mktemp("tok"))
+
+
+def test_tokenizer_round_trip_and_reserved_ids(tokenizer, tmp_path):
+    text = "the lazy parrots don't stop singing about quiet rivers"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert min(ids) > tokenizer.eos_id  # blank/unk/bos/eos are never produced for known characters
+    assert tokenizer.decode(tokenizer.encode("The QUICK, brown fox!")) == "the quick brown fox"
+    reloaded = Tokenizer.load(tokenizer.save(tmp_path))
+    assert reloaded.encode(text) == ids
+    # BPE learnt merges: far fewer pieces than letters
+    merged = "the lazy parrots sing about quiet rivers"
+    assert len(tokenizer.encode(merged)) < len(merged.replace(" ", "")) / 2
+
+
+def test_tokenizer_rejects_a_vocab_the_text_cannot_fill(tmp_path):
+    with pytest.raises(ValueError, match="vocab-size"):
+        train_tokenizer(["a b", "b a"], 500, tmp_path)
+
+
+def test_frontend_frames_are_normalised_with_stored_statistics():
+    fe = LogMelFrontend()
+    wav = torch.randn(2, 16000) * 0.1
+    lengths = torch.tensor([16000, 8000])
+    raw, frames = fe.log_mel(wav, lengths)
+    assert raw.shape == (2, 101, 80) and frames.tolist() == [101, 51]
+    x = raw[0]
+    fe.set_stats(x.sum(0), (x ** 2).sum(0), x.shape[0])
+    out, _ = fe(wav, lengths)
+    torch.testing.assert_close(out[0].mean(0), torch.zeros(80), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[0].std(0, unbiased=False), torch.ones(80), atol=1e-2, rtol=0)
+    assert out[1, 51:].abs().sum() == 0  # padded frames are zero
+    assert "mean" in fe.state_dict() and "std" in fe.state_dict()  # stats travel with the checkpoint
+
+
+def test_specaugment_masks_only_in_training():
+    aug = SpecAugment(freq_masks=2, freq_width=10, time_masks=2, time_width_ratio=0.2)
+    x = torch.ones(4, 100, 80)
+    lengths = torch.full((4,), 100)
+    aug.eval()
+    assert torch.equal(aug(x, lengths), x)
+    aug.train()
+    torch.manual_seed(0)
+    y = aug(x, lengths)
+    zeros = (y == 0).float().mean()
+    assert 0 < zeros < 0.6
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(min_value=1, max_value=4000), scale=st.floats(min_value=1e-4, max_value=1e3))
+def test_frontend_gives_finite_frames_for_any_length_and_scale(n, scale):
+    fe = LogMelFrontend()
+    wav = torch.randn(1, n) * scale
+    out, frames = fe(wav, torch.tensor([n]))
+    assert out.shape[1] == int(frames[0]) == n // 160 + 1
+    assert torch.isfinite(out).all()

@@ -1,0 +1,229 @@
+"""One test per transformer idea: each shows the part behaves as the idea says."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from speechformer.decoding import DecodeOptions, beam_search, greedy_decode
+from speechformer.model import (DecoderLayer, ModelConfig, MultiHeadAttention, SpeechTransformer, TokenEmbedding,
+                                attention, causal_mask, sinusoids)
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def model() -> SpeechTransformer:
+    torch.manual_seed(0)
+    return SpeechTransformer(tiny_config()).eval()
+
+
+def test_one_hot_queries_make_attention_a_lookup_of_value_rows():
+    keys = torch.eye(5)  # five orthogonal keys
+    values = torch.randn(5, 3)
+    sharp = 50.0  # scale so the softmax is (almost) one-hot
+    queries = torch.eye(5)[[3, 0, 4]] * sharp * math.sqrt(5)
+    out, weights = attention(queries, keys, values)
+    torch.testing.assert_close(out, values[[3, 0, 4]], atol=1e-5, rtol=0)
+    assert torch.allclose(weights.argmax(-1), torch.tensor([3, 0, 4]))
+    # the fused kernel computes the same lookup
+    fused = torch.nn.functional.scaled_dot_product_attention(queries[None], keys[None], values[None])[0]
+    torch.testing.assert_close(fused, out, atol=1e-5, rtol=1e-5)
+
+
+def test_soft_attention_blends_rows_and_weights_sum_to_one():
+    q, k, v = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 2)
+    out, weights = attention(q, k, v)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4))
+    torch.testing.assert_close(out, weights @ v)
+
+
+def test_causal_mask_is_lower_triangular():
+    m = causal_mask(4)
+    assert m.tolist() == [[True, False, False, False], [True, True, False, False],
+                          [True, True, True, False], [True, True, True, True]]
+
+
+def test_multi_head_attention_fused_path_equals_written_out_formula():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4).eval()
+    x = torch.randn(2, 7, 16)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    fused, _ = mha(x, mask=mask)
+    explicit, weights = mha(x, mask=mask, need_weights=True)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    assert weights is not None and float(weights[1, :, :, 5:].detach().abs().max()) == 0.0  # padded keys get no weight
+
+
+def test_decoder_output_at_t_does_not_depend_on_tokens_after_t(model):
+    memory = torch.randn(2, 9, 32)
+    tokens = torch.randint(4, 40, (2, 8))
+    changed = tokens.clone()
+    t = 4
+    changed[:, t + 1:] = torch.randint(4, 40, (2, 8 - t - 1))
+    a, _ = model.decode(tokens, memory, None)
+    b, _ = model.decode(changed, memory, None)
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1])
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])  # and the later outputs do see them
+
+
+def test_cross_attention_output_changes_with_encoder_memory():
+    torch.manual_seed(0)
+    layer = DecoderLayer(32, 4, 64, 0.0, 0.0, "relu", True, 1e-5).eval()
+    x = torch.randn(1, 5, 32)
+    m1, m2 = torch.randn(1, 9, 32), torch.randn(1, 9, 32)
+    y1, w1 = layer(x, m1, None, need_weights=True)
+    y2, _ = layer(x, m2, None)
+    assert not torch.allclose(y1, y2)
+    assert w1 is not None and w1.shape == (1, 4, 5, 9)  # every token looks over every frame
+
+
+def test_layer_norm_gives_zero_mean_unit_variance(model):
+    norm = model.encoder_layers[0].attn_norm
+    x = torch.randn(3, 5, 32) * 7 + 3
+    y = norm(x)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(3, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(3, 5), atol=1e-3, rtol=0)
+
+
+def test_skip_connection_passes_input_through_when_blocks_output_zero():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    m = SpeechTransformer(cfg).eval()
+    layer = m.encoder_layers[0]
+    for lin in (layer.attn.out, layer.ff.fc2):
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+    x = torch.randn(2, 6, 32)
+    y, _ = layer(x)
+    torch.testing.assert_close(y, x)  # x + 0 + 0
+
+
+def test_positional_encodings_differ_by_position_and_are_bounded():
+    pe = sinusoids(512, 64)
+    assert pe.abs().max() <= 1.0
+    distances = torch.cdist(pe, pe)
+    off_diagonal = distances[~torch.eye(512, dtype=torch.bool)]
+    assert float(off_diagonal.min()) > 1e-3  # no two positions share an encoding
+    # nearby positions are closer than far ones (the wiggles are smooth)
+    assert float(distances[100, 101]) < float(distances[100, 300])
+
+
+def test_positions_make_the_encoder_order_aware(model):
+    """Without positions, self-attention is permutation-equivariant; with them it is not."""
+    x = torch.randn(1, 10, 32)
+    perm = torch.randperm(10)
+    layer = model.encoder_layers[0]
+    plain, _ = layer(x)
+    plain_perm, _ = layer(x[:, perm])
+    torch.testing.assert_close(plain[:, perm], plain_perm, atol=1e-5, rtol=1e-5)
+    pos = model.encoder_positions
+    with_pos, _ = layer(pos(x))
+    with_pos_perm, _ = layer(pos(x[:, perm]))
+    assert not torch.allclose(with_pos[:, perm], with_pos_perm, atol=1e-3)
+
+
+def test_embedding_is_a_one_hot_lookup_and_de_embedding_is_tied():
+    torch.manual_seed(0)
+    emb = TokenEmbedding(10, 8, scale=False)
+    ids = torch.tensor([3, 7])
+    one_hot = torch.nn.functional.one_hot(ids, 10).float()
+    torch.testing.assert_close(emb(ids), one_hot @ emb.weight)
+    # de-embedding scores each token by similarity to its own embedding: the row itself wins
+    logits = emb.logits(emb.weight[ids] * 10)
+    assert logits.argmax(-1).tolist() == [3, 7]
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+
+
+def test_kv_cache_decoding_equals_full_sequence(model):
+    memory, lengths, _ = model.encode(torch.randn(2, 8000), torch.tensor([8000, 6000]))
+    mask = model.memory_mask(lengths, memory.shape[1])
+    tokens = torch.randint(4, 40, (2, 6))
+    full, _ = model.decode(tokens, memory, mask)
+    state = model.init_state(memory, 8)
+    first, _ = model.decode(tokens[:, :2], memory, mask, state)  # a prompt of two tokens
+    rest = [model.decode(tokens[:, i:i + 1], memory, mask, state)[0] for i in range(2, 6)]
+    torch.testing.assert_close(torch.cat([first] + rest, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_does_not_change_an_utterance_encoding(model):
+    wav = torch.randn(1, 8000)
+    alone, la, _ = model.encode(wav, torch.tensor([8000]))
+    padded = torch.cat([wav, torch.zeros(1, 4000)], 1)
+    batch = torch.cat([padded, torch.randn(1, 12000)], 0)
+    together, lb, _ = model.encode(batch, torch.tensor([8000, 12000]))
+    n = int(la[0])
+    assert int(lb[0]) == n
+    torch.testing.assert_close(together[0, :n], alone[0], atol=1e-4, rtol=1e-3)
+
+
+def test_decoding_stops_and_is_bounded_by_input_length(model):
+    memory, lengths, _ = model.encode(torch.randn(3, 4000), torch.tensor([4000, 3000, 2000]))
+    for hyps in (greedy_decode(model, memory, lengths),
+                 beam_search(model, memory, lengths, DecodeOptions(beam_size=3))):
+        assert len(hyps) == 3
+        for h in hyps:
+            assert len(h) <= int(lengths.max()) + 2
+            assert model.config.bos_id not in h and model.config.blank_id not in h
+
+
+def test_beam_search_scores_at_least_as_well_as_greedy(model):
+    torch.manual_seed(1)
+    memory, lengths, _ = model.encode(torch.randn(2, 6000), torch.tensor([6000, 6000]))
+    mask = model.memory_mask(lengths, memory.shape[1])
+
+    def logprob(h: list[int], row: int) -> float:
+        c = model.config
+        seq = torch.tensor([[c.bos_id] + h])
+        logits, _ = model.decode(seq, memory[row:row + 1], None if mask is None else mask[row:row + 1])
+        logp = logits[0].log_softmax(-1)
+        target = h + [c.eos_id]
+        return float(sum(logp[i, t] for i, t in enumerate(target))) / len(target)
+
+    greedy = greedy_decode(model, memory, lengths)
+    beam = beam_search(model, memory, lengths, DecodeOptions(beam_size=4))
+    for row in range(2):
+        if greedy[row] and len(greedy[row]) < lengths[row]:  # greedy finished properly
+            assert logprob(beam[row], row) >= logprob(greedy[row], row) - 1e-4
+
+
+def test_whisper_architecture_is_expressible():
+    cfg = ModelConfig.whisper(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
+                              n_vocab=100, n_text_ctx=32, n_text_state=64, n_text_head=2, n_text_layer=2)
+    m = SpeechTransformer(cfg)
+    assert m.encoder_layers[0].attn.key.bias is None
+    assert isinstance(m.encoder_layers[0].ff.act, torch.nn.GELU)
+    assert m.subsampling.conv2.stride == (2,)
+    names = dict(m.named_parameters())
+    assert "decoder_positions.table" in names  # learned decoder positions
+    assert m.ctc is None
+    wav = torch.randn(1, 16000)
+    memory, lengths, _ = m.encode(wav, torch.tensor([16000]))
+    assert memory.shape == (1, 1500, 64)
+
+
+def test_training_loss_decreases_and_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    m = SpeechTransformer(tiny_config(ctc_weight=0.3))
+    wav, wl = torch.randn(2, 8000), torch.tensor([8000, 7000])
+    tokens, tl = torch.randint(4, 40, (2, 5)), torch.tensor([5, 3])
+    out = m(wav, wl, tokens, tl)
+    out["loss"].backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = float(out["loss"])
+    for _ in range(30):
+        opt.zero_grad()
+        loss = m(wav, wl, tokens, tl)["loss"]
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
