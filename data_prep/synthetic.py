@@ -14,9 +14,10 @@ What it contains:
 * Sentences from a small grammar (see ``TEMPLATES``) over word lists holding
   well over 1,000 distinct everyday English words: lower case, no punctuation,
   numbers spelled out, 4 to 9 words each (about 1.5 to 4 seconds of speech).
-  Content words are drawn from shuffled "decks" rather than with replacement,
-  so every word of a list is used about equally often and therefore appears in
-  training many times.
+  Every slot (noun, plural noun, past-tense verb, ...) deals its words from a
+  shuffled "deck" instead of drawing independently, so all word forms come round
+  equally often: in the default 3,000 training sentences nearly every one of the
+  ~2,200 word forms occurs, most of them 2 to 6 times.
 * Splits by sentence: train, valid and test hold disjoint sets of sentence
   texts, so test scores measure generalisation to new word sequences.
 * Eight eSpeak English accents (``TRAIN_VOICES``) times fifteen voice variants
@@ -39,10 +40,12 @@ What it contains:
   describes the corpus.
 
 Determinism: all choices (sentences, splits, voices, rates, silences, noise)
-come from the seed, and each utterance's randomness is fixed before the work is
-spread over processes, so the manifests are identical byte for byte for a seed,
-whatever ``--jobs`` is, on the same eSpeak NG build. (A different eSpeak NG
-version may time its speech differently and so change durations.)
+come from the seed and are fixed before the work is spread over processes, and
+every utterance is synthesised from a pristine eSpeak state (see
+:class:`LibraryEspeak`), so manifests and wav files are identical byte for byte
+for a seed, whatever ``--jobs`` is, on the same eSpeak NG build. (Another eSpeak
+NG version may time its speech differently and so change durations.) A stamp file
+records the parameters; a rerun with the same ones returns at once.
 
 Usage::
 
@@ -56,12 +59,11 @@ same voices.
 
 from __future__ import annotations
 
+import _ctypes
 import argparse
 import ctypes
 import dataclasses
 import json
-import math
-import multiprocessing
 import os
 import random
 import shutil
@@ -69,8 +71,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -348,8 +351,10 @@ _IRREGULAR_PLURALS = {
     "calf": "calves",
 }
 _DOUBLING = frozenset(
-    "drop grab hug stir chop trim scrub knit skip jog nod hum clap dig cut hit spin sit "
-    "run swim shop plan stop wrap".split()
+    _words(
+        "drop grab hug stir chop trim scrub knit skip jog nod hum clap dig cut hit spin sit "
+        "run swim shop plan stop wrap"
+    )
 )
 _VOWELS = frozenset("aeiou")
 
@@ -379,9 +384,7 @@ def _inflect_verb(spec: str) -> Verb:
     """Build a :class:`Verb` from ``"base"`` or ``"base:past"`` using spelling rules."""
     base, _, past = spec.partition(":")
     stem = base + base[-1] if base in _DOUBLING else base
-    if base in ("go", "do"):
-        third = base + "es"
-    elif base.endswith(("s", "sh", "ch", "x", "z")):
+    if base in ("go", "do") or base.endswith(("s", "sh", "ch", "x", "z")):
         third = base + "es"
     elif base.endswith("y") and base[-2] not in _VOWELS:
         third = base[:-1] + "ies"
@@ -516,6 +519,7 @@ TEMPLATES: tuple[str, ...] = (
 )
 """Sentence templates. ``{slot}`` is filled from a word deck; a final ``?`` marks a
 question, which is spoken with question intonation but not written in the transcript."""
+
 
 def _verb_forms(verbs: Sequence[Verb], prefix: str) -> dict[str, tuple[str, ...]]:
     return {
@@ -795,12 +799,29 @@ class EspeakUnavailable(RuntimeError):
     """Raised when neither eSpeak NG backend can be used."""
 
 
+def _seed_c_rand(seed: int) -> None:
+    """Seed the C library's ``rand()`` (process-global, so not reset by reloading eSpeak)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:  # pragma: no cover - not a POSIX system
+        return
+    libc.srand.argtypes = [ctypes.c_uint]
+    libc.srand(seed & 0xFFFFFFFF)
+
+
 class LibraryEspeak:
-    """eSpeak NG called in-process through ctypes (from ``espeakng_loader``).
+    """eSpeak NG called in-process through ctypes (library from ``espeakng_loader``).
 
     Uses ``AUDIO_OUTPUT_SYNCHRONOUS``: ``espeak_Synth`` returns only when the text is
     spoken, having handed the samples (22,050 Hz int16) to our callback in chunks.
-    Initialise once per process: ``espeak_Initialize`` loads the phoneme data.
+
+    Why the library is loaded afresh for every utterance: eSpeak keeps synthesis
+    state in C statics (glottal phase, flutter position, ...) that neither
+    ``espeak_Terminate`` nor ``espeak_Initialize`` resets, so the same text comes
+    out a few samples longer or shorter depending on what was spoken before. That
+    would make durations depend on which worker spoke what. Loading a private copy
+    of the shared object, speaking once and ``dlclose``-ing it gives every utterance
+    the same pristine state, for ~5 ms (initialisation reads the phoneme data).
     """
 
     name = "espeakng_loader"
@@ -818,16 +839,26 @@ class LibraryEspeak:
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise EspeakUnavailable(INSTALL_HINT) from exc
         self.data_path = Path(espeakng_loader.get_data_path())
+        # A private copy: nobody else in the process holds it, so dlclose unloads it.
+        self._tmp = tempfile.TemporaryDirectory(prefix="espeak-lib-")
+        self._lib_path = os.path.join(self._tmp.name, "libespeak-ng-private.so")
+        shutil.copyfile(espeakng_loader.get_library_path(), self._lib_path)
+        self._chunks: list[np.ndarray] = []
+        # Keep a reference: ctypes frees the trampoline if the object is collected.
+        self._callback = self._CALLBACK(self._collect)
+        lib = self._load()
         try:
-            lib = ctypes.CDLL(espeakng_loader.get_library_path())
+            self.version = f"eSpeak NG {lib.espeak_Info(None).decode()} (espeakng_loader)"
+        finally:
+            self._unload(lib)
+
+    def _load(self) -> ctypes.CDLL:
+        """Load and initialise a fresh instance of the library."""
+        try:
+            lib = ctypes.CDLL(self._lib_path)
         except OSError as exc:  # pragma: no cover - broken install
             raise EspeakUnavailable(f"cannot load libespeak-ng: {exc}. {INSTALL_HINT}")
-        lib.espeak_Initialize.argtypes = [
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_char_p,
-            ctypes.c_int,
-        ]
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_SetSynthCallback.argtypes = [self._CALLBACK]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
@@ -851,21 +882,22 @@ class LibraryEspeak:
             self._AUDIO_OUTPUT_SYNCHRONOUS, 0, str(self.data_path).encode(), 0
         )
         if self.sample_rate <= 0:
+            self._unload(lib)
             raise EspeakUnavailable(f"espeak_Initialize failed ({self.sample_rate})")
-        self._lib = lib
-        self._chunks: list[np.ndarray] = []
-        # Keep a reference: ctypes frees the trampoline if the object is collected.
-        self._callback = self._CALLBACK(self._collect)
         lib.espeak_SetSynthCallback(self._callback)
+        return lib
+
+    @staticmethod
+    def _unload(lib: ctypes.CDLL) -> None:
+        lib.espeak_Terminate()
+        dlclose = getattr(_ctypes, "dlclose", None)
+        if dlclose is not None:
+            dlclose(lib._handle)
 
     def _collect(self, wav: Any, num_samples: int, _events: Any) -> int:
         if num_samples > 0 and wav:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
         return 0  # 0 = continue synthesis
-
-    @property
-    def version(self) -> str:
-        return f"eSpeak NG {self._lib.espeak_Info(None).decode()} (espeakng_loader)"
 
     def available(self) -> set[str]:
         """Lower-case voice and variant names found in the shipped data."""
@@ -873,18 +905,31 @@ class LibraryEspeak:
         names |= {p.name.lower() for p in (self.data_path / "voices" / "!v").iterdir()}
         return names
 
-    def synthesize(self, text: str, voice: str, variant: str, rate: int, pitch: int) -> np.ndarray:
-        """Speak ``text``; return float32 samples in [-1, 1] at ``self.sample_rate``."""
-        if self._lib.espeak_SetVoiceByName(f"{voice}+{variant}".encode()) != 0:
-            raise RuntimeError(f"eSpeak voice not found: {voice}+{variant}")
-        # Parameters are set after the voice: choosing a voice may reset them.
-        self._lib.espeak_SetParameter(self._RATE, rate, 0)
-        self._lib.espeak_SetParameter(self._PITCH, pitch, 0)
-        data = text.encode() + b"\0"
-        self._chunks = []
-        status = self._lib.espeak_Synth(
-            data, len(data), 0, self._POS_CHARACTER, 0, self._CHARS_UTF8, None, None
-        )
+    def synthesize(
+        self, text: str, voice: str, variant: str, rate: int, pitch: int, seed: int = 1
+    ) -> np.ndarray:
+        """Speak ``text``; return float32 samples in [-1, 1] at ``self.sample_rate``.
+
+        ``seed`` seeds the C library's ``rand()``, which eSpeak uses for breath noise
+        (variants f2, f3, f5), so the samples, not only their count, are reproducible.
+        """
+        lib = self._load()
+        try:
+            _seed_c_rand(seed)
+            if hasattr(lib, "espeak_ng_SetRandSeed"):
+                lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
+            if lib.espeak_SetVoiceByName(f"{voice}+{variant}".encode()) != 0:
+                raise RuntimeError(f"eSpeak voice not found: {voice}+{variant}")
+            # Parameters are set after the voice: choosing a voice may reset them.
+            lib.espeak_SetParameter(self._RATE, rate, 0)
+            lib.espeak_SetParameter(self._PITCH, pitch, 0)
+            data = text.encode() + b"\0"
+            self._chunks = []
+            status = lib.espeak_Synth(
+                data, len(data), 0, self._POS_CHARACTER, 0, self._CHARS_UTF8, None, None
+            )
+        finally:
+            self._unload(lib)
         if status != 0 or not self._chunks:
             raise RuntimeError(f"espeak_Synth failed ({status}) for {text!r}")
         samples = np.concatenate(self._chunks)
@@ -907,14 +952,19 @@ class CommandEspeak:
 
     @property
     def version(self) -> str:
-        out = subprocess.run([self._program, "--version"], capture_output=True, text=True)
-        return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "espeak-ng"
+        out = subprocess.run(
+            [self._program, "--version"], check=False, capture_output=True, text=True
+        )
+        first = out.stdout.strip().splitlines()[0] if out.stdout.strip() else "espeak-ng"
+        return first.split("  Data at")[0].strip() + " (espeak-ng program)"
 
     def available(self) -> set[str]:
         """Lower-case voice and variant names listed by ``espeak-ng --voices``."""
         names: set[str] = set()
         for query in ("--voices=en", "--voices=variant"):
-            out = subprocess.run([self._program, query], capture_output=True, text=True)
+            out = subprocess.run(
+                [self._program, query], check=False, capture_output=True, text=True
+            )
             for line in out.stdout.splitlines()[1:]:
                 fields = line.split()
                 if len(fields) >= 5:
@@ -922,8 +972,13 @@ class CommandEspeak:
                     names.add(fields[4].rsplit("/", 1)[-1].lower())
         return names
 
-    def synthesize(self, text: str, voice: str, variant: str, rate: int, pitch: int) -> np.ndarray:
-        """Speak ``text``; return float32 samples in [-1, 1] at the file's rate."""
+    def synthesize(
+        self, text: str, voice: str, variant: str, rate: int, pitch: int, seed: int = 1
+    ) -> np.ndarray:
+        """Speak ``text``; return float32 samples in [-1, 1] at the file's rate.
+
+        ``seed`` is unused: a fresh process always starts from the same state.
+        """
         import soundfile
 
         path = os.path.join(self._tmp.name, "utt.wav")
@@ -985,7 +1040,9 @@ def render(plan: UtterancePlan, backend: Backend) -> np.ndarray:
     import torch
     import torchaudio.functional as AF
 
-    speech = backend.synthesize(plan.spoken, plan.voice, plan.variant, plan.rate, plan.pitch)
+    speech = backend.synthesize(
+        plan.spoken, plan.voice, plan.variant, plan.rate, plan.pitch, seed=plan.noise_seed
+    )
     speech = (
         AF.resample(torch.from_numpy(speech), backend.sample_rate, SAMPLE_RATE)
         .numpy()
@@ -1001,30 +1058,68 @@ def render(plan: UtterancePlan, backend: Backend) -> np.ndarray:
     return (signal * (plan.peak / peak)).astype(np.float32)
 
 
-_WORKER: dict[str, Any] = {}
+def render_all(plans: Sequence[UtterancePlan], backend_kind: str, out_dir: Path) -> dict[str, int]:
+    """Render ``plans`` into ``out_dir`` in this process; return ``{utt_id: num_samples}``.
 
-
-def _init_worker(backend_kind: str, out_dir: str, worker_process: bool = True) -> None:
-    """Per-process setup: one eSpeak initialisation; one torch thread in pool workers.
-
-    Why one thread: ``--jobs`` processes already use the cores; more threads per
-    process would only oversubscribe them. In-process runs leave the caller's setting.
+    Torch runs single-threaded meanwhile (the caller's setting is restored): the
+    per-utterance tensors are tiny, and with other work on the cores, thread
+    hand-offs made resampling ~8x slower than one thread.
     """
-    if worker_process:
-        import torch
-
-        torch.set_num_threads(1)
-    _WORKER["backend"] = make_backend(backend_kind)
-    _WORKER["out_dir"] = Path(out_dir)
-
-
-def _render_to_file(plan: UtterancePlan) -> tuple[str, int]:
-    """Worker task: write one wav; return ``(utt_id, num_samples)``."""
     import soundfile
+    import torch
 
-    audio = render(plan, _WORKER["backend"])
-    soundfile.write(_WORKER["out_dir"] / plan.audio, audio, SAMPLE_RATE, subtype="PCM_16")
-    return plan.utt_id, len(audio)
+    backend = make_backend(backend_kind)
+    num_samples: dict[str, int] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for plan in plans:
+            audio = render(plan, backend)
+            soundfile.write(out_dir / plan.audio, audio, SAMPLE_RATE, subtype="PCM_16")
+            num_samples[plan.utt_id] = len(audio)
+    finally:
+        torch.set_num_threads(threads)
+    return num_samples
+
+
+def _render_in_processes(
+    plans: Sequence[UtterancePlan], backend_kind: str, out_dir: Path, jobs: int
+) -> dict[str, int]:
+    """Render with ``jobs`` worker processes, each running this file with ``--worker``.
+
+    Why fresh interpreters rather than a ``multiprocessing`` pool: forking a parent
+    that may already run torch threads can deadlock, and a spawn pool must re-import
+    this module by name, which fails when it was loaded from a path (it lives in a
+    script folder, not a package). Each worker sets up eSpeak once and renders a
+    round-robin shard; since every plan is fixed up front the result does not depend
+    on the number of workers.
+    """
+    num_samples: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="synthetic-shards-") as tmp:
+        procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        for index in range(jobs):
+            shard = [dataclasses.asdict(plan) for plan in plans[index::jobs]]
+            task = Path(tmp) / f"shard{index}.json"
+            task.write_text(
+                json.dumps({"backend": backend_kind, "out_dir": str(out_dir), "plans": shard})
+            )
+            command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(task)]
+            procs.append((subprocess.Popen(command), task.with_suffix(".done.json")))
+        failed = [proc.args for proc, _ in procs if proc.wait() != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} synthesis worker(s) failed (see stderr above)")
+        for _, result in procs:
+            num_samples.update(json.loads(result.read_text()))
+    return num_samples
+
+
+def _worker_main(task_path: str) -> int:
+    """Entry point of a ``--worker`` process: render one shard, write its sample counts."""
+    task = json.loads(Path(task_path).read_text())
+    plans = [UtterancePlan(**plan) for plan in task["plans"]]
+    num_samples = render_all(plans, task["backend"], Path(task["out_dir"]))
+    Path(task_path).with_suffix(".done.json").write_text(json.dumps(num_samples))
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -1065,12 +1160,18 @@ def _stamp(seed: int, num_train: int, num_valid: int, num_test: int, backend: st
 
 
 def _read_manifest_stats(out_dir: Path) -> tuple[dict[str, int], float]:
+    """Counts and hours of an existing corpus; raises if a listed wav file is missing."""
     counts: dict[str, int] = {}
     seconds = 0.0
     for split in SPLITS:
-        lines = (out_dir / f"{split}.jsonl").read_text().splitlines()
-        counts[split] = len(lines)
-        seconds += sum(json.loads(line)["duration"] for line in lines)
+        records = [
+            json.loads(line) for line in (out_dir / f"{split}.jsonl").read_text().splitlines()
+        ]
+        for record in records:
+            if not (out_dir / record["audio"]).is_file():
+                raise FileNotFoundError(out_dir / record["audio"])
+        counts[split] = len(records)
+        seconds += sum(record["duration"] for record in records)
     return counts, seconds / 3600
 
 
@@ -1082,7 +1183,9 @@ def _readme(
     voices: Sequence[str],
     variants: Sequence[str],
 ) -> str:
-    by_split: dict[str, list[UtterancePlan]] = {s: [p for p in plans if p.split == s] for s in SPLITS}
+    by_split: dict[str, list[UtterancePlan]] = {
+        s: [p for p in plans if p.split == s] for s in SPLITS
+    }
     train_words = {w for p in by_split["train"] for w in p.text.split()}
     used_words = {w for p in plans for w in p.text.split()}
     test_oov = sorted({w for p in by_split["test"] for w in p.text.split()} - train_words)
@@ -1092,8 +1195,10 @@ def _readme(
         f"seed: {seed}",
         f"synthesiser: {backend_version}",
         f"audio: {SAMPLE_RATE} Hz mono 16-bit PCM wav under wavs/<split>/",
-        "manifests: train.jsonl valid.jsonl test.jsonl "
-        "(id, audio relative to this folder, duration s, text, speaker)",
+        (
+            "manifests: train.jsonl valid.jsonl test.jsonl "
+            "(id, audio relative to this folder, duration s, text, speaker)"
+        ),
         "",
     ]
     for split in SPLITS:
@@ -1108,16 +1213,20 @@ def _readme(
         "",
         f"train/valid voices: {' '.join(voices)}",
         f"train/valid variants: {' '.join(variants)}",
-        f"HELD-OUT test speaker: {HELD_OUT[0]}+{HELD_OUT[1]} (variant {HELD_OUT[1]} is never",
-        "  used in train or valid; the test split is spoken by this voice only)",
+        f"HELD-OUT test speaker: {HELD_OUT[0]}+{HELD_OUT[1]} speaks the whole test split and",
+        f"  nothing else; variant {HELD_OUT[1]} is never used in train or valid.",
         f"speaking rate: {RATE_WPM[0]}-{RATE_WPM[1]} wpm; pitch {PITCH[0]}-{PITCH[1]} (0-100)",
-        f"noise: white or pink at {SNR_DB[0]:g}-{SNR_DB[1]:g} dB SNR; silence "
-        f"{SILENCE_S[0]:g}-{SILENCE_S[1]:g} s each end; peak {PEAK[0]:g}-{PEAK[1]:g}",
+        (
+            f"noise: white or pink at {SNR_DB[0]:g}-{SNR_DB[1]:g} dB SNR; silence "
+            f"{SILENCE_S[0]:g}-{SILENCE_S[1]:g} s each end; peak {PEAK[0]:g}-{PEAK[1]:g}"
+        ),
         "",
         "text: lower case, no punctuation, numbers as words; 4-9 words per sentence;",
         "  train, valid and test hold disjoint sets of sentences.",
-        f"grammar vocabulary: {len(vocabulary())} distinct words; used in this corpus: "
-        f"{len(used_words)}; in train: {len(train_words)}",
+        (
+            f"grammar vocabulary: {len(vocabulary())} distinct words; used in this corpus: "
+            f"{len(used_words)}; in train: {len(train_words)}"
+        ),
         f"test words never seen in train: {len(test_oov)}"
         + (f" ({' '.join(test_oov[:20])})" if test_oov else ""),
         "",
@@ -1151,8 +1260,8 @@ def generate_corpus(
             if json.loads(stamp_path.read_text()) == stamp:
                 counts, hours = _read_manifest_stats(out)
                 return CorpusSummary(out, counts, hours, time.perf_counter() - start, True)
-        except (ValueError, KeyError):
-            pass  # unreadable stamp or manifest: regenerate
+        except (ValueError, KeyError, FileNotFoundError):
+            pass  # unreadable stamp or manifest, or missing audio: regenerate
 
     probe = make_backend(kind)
     available = probe.available()
@@ -1171,15 +1280,10 @@ def generate_corpus(
         shutil.rmtree(out / "wavs" / split, ignore_errors=True)
         (out / "wavs" / split).mkdir(parents=True, exist_ok=True)
 
-    num_samples: dict[str, int] = {}
-    if jobs <= 1:
-        _init_worker(kind, str(out), worker_process=False)
-        num_samples.update(map(_render_to_file, plans))
+    if jobs <= 1 or len(plans) < 2:
+        num_samples = render_all(plans, kind, out)
     else:
-        # spawn, not fork: a forked child inheriting torch's thread pools can hang.
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(jobs, initializer=_init_worker, initargs=(kind, str(out))) as pool:
-            num_samples.update(pool.imap_unordered(_render_to_file, plans, chunksize=32))
+        num_samples = _render_in_processes(plans, kind, out, min(jobs, len(plans)))
 
     durations = {uid: round(n / SAMPLE_RATE, 3) for uid, n in num_samples.items()}
     for split, manifest in zip(SPLITS, manifests):
@@ -1207,6 +1311,9 @@ def generate_corpus(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 2 and argv[0] == "--worker":  # internal: see _render_in_processes
+        return _worker_main(argv[1])
     parser = argparse.ArgumentParser(
         description="Generate a seeded synthetic spoken English corpus with eSpeak NG."
     )
@@ -1215,8 +1322,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-valid", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes (default: 2, or 1 on a single-CPU machine)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="regenerate even if the stamp says up to date"
+    )
     parser.add_argument(
         "--backend",
         choices=("library", "command"),

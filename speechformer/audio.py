@@ -283,6 +283,7 @@ def split_long_audio(
     max_seconds: float,
     top_db: float = 40,
     min_seconds: float = 1.0,
+    pause_seconds: float | None = None,
 ) -> list[tuple[int, int]]:
     """Cut a long recording into chunks of at most ``max_seconds``, at quiet points.
 
@@ -298,7 +299,9 @@ def split_long_audio(
     is left out). An interval longer than ``max_seconds`` on its own is hard-split
     at the quietest 20 ms point between ``max(min_seconds, max_seconds / 2)`` and
     ``max_seconds`` from its start; ``min_seconds`` also keeps the piece after the
-    cut at least that long where the interval allows.
+    cut at least that long where the interval allows. With ``pause_seconds``, a
+    silent gap at least that long always ends a chunk (a sentence boundary: models
+    trained on single sentences do best on single sentences).
 
     Guarantees: every chunk is at most ``max_seconds`` long, and every sample of
     every non-silent interval lies in some chunk. Audio no longer than
@@ -338,8 +341,10 @@ def split_long_audio(
 
     # 2. Greedily group consecutive pieces whose total span fits in max_len.
     groups: list[tuple[int, int]] = []
+    min_pause = None if pause_seconds is None else int(pause_seconds * sample_rate)
     for s, e in pieces:
-        if groups and e - groups[-1][0] <= max_len:
+        paused = min_pause is not None and groups and s - groups[-1][1] >= min_pause
+        if groups and e - groups[-1][0] <= max_len and not paused:
             groups[-1] = (groups[-1][0], e)
         else:
             groups.append((s, e))

@@ -157,7 +157,7 @@ class Transcriber:
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu", beam_size: int = 1,
                  batch_seconds: float = 240.0, max_batch_size: int = 32, num_threads: int = 2,
-                 chunk_seconds: float | None = None) -> None:
+                 chunk_seconds: float | None = None, pause_seconds: float | None = 0.5) -> None:
         self.bundle = bundle
         self.model = bundle.model.to(device).eval()
         self.tokenizer = bundle.tokenizer
@@ -169,7 +169,10 @@ class Transcriber:
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads
         self.sample_rate = self.model.config.sample_rate
-        self.chunk_seconds = chunk_seconds or bundle.max_input_seconds
+        # a little headroom over the longest training utterance: a silence detector's
+        # frames round intervals outwards, and a whole training-length sentence must fit
+        self.chunk_seconds = chunk_seconds or 1.25 * bundle.max_input_seconds
+        self.pause_seconds = pause_seconds  # long audio: a pause this long always ends a chunk
         if self.model.config.frontend == "whisper":
             self.chunk_seconds = min(self.chunk_seconds, 30.0)
 
@@ -238,7 +241,9 @@ class Transcriber:
             if len(wav) <= max_samples:
                 segments.append((n, wav))
             else:
-                for s, e in split_long_audio(wav, self.sample_rate, self.chunk_seconds):
+                for s, e in split_long_audio(wav, self.sample_rate, self.chunk_seconds,
+                                             min_seconds=min(1.0, self.chunk_seconds / 4),
+                                             pause_seconds=self.pause_seconds):
                     segments.append((n, wav[s:e]))
         texts = self.transcribe_waveforms([w for _, w in segments])
         pieces: dict[int, list[str]] = {}
