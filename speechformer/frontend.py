@@ -13,7 +13,6 @@ with nothing else to carry, and training and inference can never disagree about 
 
 from __future__ import annotations
 
-import librosa
 import torch
 import torchaudio
 from torch import Tensor, nn
@@ -88,6 +87,8 @@ class WhisperFrontend(nn.Module):
         super().__init__()
         if sample_rate != 16000:
             raise ValueError("Whisper models take 16 kHz audio")
+        import librosa  # imported here: it takes seconds to import and only Whisper needs it
+
         filters = librosa.filters.mel(sr=sample_rate, n_fft=self.n_fft, n_mels=n_mels)
         self.register_buffer("filters", torch.from_numpy(filters).float(), persistent=False)
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)

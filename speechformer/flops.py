@@ -1,0 +1,38 @@
+"""Model FLOPs of a training step, from the config and the batch shape (for MFU, as nanoGPT does).
+
+Counts the matrix multiplies (2 FLOPs per multiply-add) of the forward pass: the conv
+subsampling, every linear layer, the attention score and mixing products, the
+de-embedding and the CTC head. A training step is 3x the forward (backward ~ 2x).
+Element-wise work (norms, softmax, activations) is ignored, as is usual for MFU.
+"""
+
+from __future__ import annotations
+
+from .model.config import ModelConfig
+
+
+def forward_flops(config: ModelConfig, batch: int, frames: int, tokens: int) -> float:
+    """FLOPs of one forward pass over ``batch`` utterances of ``frames`` mel frames and
+    ``tokens`` decoder tokens each (padded sizes: that is what the hardware computes)."""
+    c = config
+    d, ff = c.d_model, c.d_ff
+    if c.subsampling == "conv2d":
+        ch = c.subsampling_channels or d
+        t1, f1 = (frames - 3) // 2 + 1, (c.n_mels - 3) // 2 + 1
+        t2, f2 = (t1 - 3) // 2 + 1, (f1 - 3) // 2 + 1
+        stem = 2 * ch * 9 * t1 * f1 + 2 * ch * ch * 9 * t2 * f2 + 2 * ch * f2 * d * t2
+        t_enc = t2
+    else:
+        t_enc = (frames - 1) // 2 + 1
+        stem = 2 * c.n_mels * d * 3 * frames + 2 * d * d * 3 * t_enc
+    enc_layer = t_enc * (8 * d * d + 4 * d * ff) + 4 * t_enc * t_enc * d
+    dec_layer = (tokens * (8 * d * d + 4 * d * ff + 4 * tokens * d)  # self-attention + feed-forward
+                 + tokens * (4 * d * d + 4 * t_enc * d) + t_enc * 4 * d * d)  # cross-attention
+    heads = 2 * d * c.vocab_size * tokens + (2 * d * c.vocab_size * t_enc if c.ctc_head else 0)
+    per_utt = stem + c.n_encoder_layers * enc_layer + c.n_decoder_layers * dec_layer + heads
+    return float(batch * per_utt)
+
+
+def training_flops(config: ModelConfig, batch: int, frames: int, tokens: int) -> float:
+    """FLOPs of forward + backward (3x forward)."""
+    return 3.0 * forward_flops(config, batch, frames, tokens)

@@ -1,0 +1,95 @@
+"""`speechformer fit --config X.yaml` through LightningCLI: checkpoints, logs, and resume from last."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speechformer.transcribe import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """\
+seed_everything: 3
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 2
+  precision: bf16-mixed
+  enable_progress_bar: false
+  enable_model_summary: false
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+  default_root_dir: {exp}
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {exp}, name: logs}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        dirpath: {exp}/checkpoints
+        filename: "epoch{{epoch:02d}}-wer{{val_wer:.4f}}"
+        auto_insert_metric_name: false
+        monitor: val_wer
+        save_top_k: 2
+        save_last: true
+model:
+  model: {{d_model: 32, n_heads: 2, d_ff: 64, n_encoder_layers: 1, n_decoder_layers: 1, subsampling_channels: 8}}
+  warmup_steps: 5
+data:
+  train_manifest: {corpus}/train.jsonl
+  valid_manifest: {corpus}/valid.jsonl
+  tokenizer: {exp}/tokenizer
+  max_batch_seconds: 8
+  num_workers: 0
+"""
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "speechformer.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_fit_from_yaml_writes_checkpoints_and_logs_then_resumes_from_last(tiny_corpus, tmp_path):
+    exp = tmp_path / "exp"
+    config = tmp_path / "train.yaml"
+    config.write_text(CONFIG.format(exp=exp, corpus=tiny_corpus))
+    cli("tokenizer", "train", "--manifest", str(tiny_corpus / "train.jsonl"), "--vocab-size", "40",
+        "--out", str(exp / "tokenizer"))
+    cli("fit", "--config", str(config), "--ckpt_path", "last")  # no checkpoint yet: starts fresh
+    last = exp / "checkpoints" / "last.ckpt"
+    first = load_checkpoint(last)
+    steps_per_epoch = first["global_step"] // 2
+    assert first["epoch"] == 1 and steps_per_epoch > 0
+    assert first["speechformer"]["val_wer"] is not None
+    ranked = [p for p in (exp / "checkpoints").glob("epoch*.ckpt")]
+    assert len(ranked) == 2  # the best two by validation WER
+    metrics = list(csv.DictReader(open(next((exp / "logs").glob("version_*/metrics.csv")))))
+    assert any(row.get("val_wer") for row in metrics) and any(row.get("train_loss") for row in metrics)
+
+    # "the job was killed": run the same command with one more epoch; it continues from last.ckpt
+    cli("fit", "--config", str(config), "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    resumed = load_checkpoint(last)
+    assert resumed["epoch"] == 2
+    assert resumed["global_step"] == first["global_step"] + steps_per_epoch  # continued, not restarted
+    sched = resumed["lr_schedulers"][0]
+    assert sched["last_epoch"] == resumed["global_step"]  # the LR schedule continued too
+
+
+def test_fit_rejects_a_missing_tokenizer_before_training(tiny_corpus, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(CONFIG.format(exp=tmp_path / "exp", corpus=tiny_corpus))
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "speechformer.cli", "fit", "--config", str(config)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "tokenizer" in proc.stderr and "speechformer tokenizer train" in proc.stderr
+    assert not (tmp_path / "exp" / "checkpoints").exists()
