@@ -34,32 +34,32 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
     return torch.cat([scaled.sin(), scaled.cos()], dim=1)
 
 
-class SinusoidalPositions(nn.Module):
-    """Adds fixed sinusoidal positions to a sequence (a buffer, not learned)."""
+class _Positions(nn.Module):
+    """Adds row ``offset + t`` of a position table to the t-th vector of a sequence."""
+
+    table: Tensor
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        length = x.shape[1]
+        if offset + length > self.table.shape[0]:
+            raise ValueError(f"sequence of {offset + length} positions exceeds the maximum {self.table.shape[0]}")
+        return x + self.table[offset:offset + length].to(x.dtype)
+
+
+class SinusoidalPositions(_Positions):
+    """Fixed sinusoidal positions (a buffer, not learned)."""
 
     def __init__(self, max_len: int, d_model: int) -> None:
         super().__init__()
         self.register_buffer("table", sinusoids(max_len, d_model), persistent=False)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        length = x.shape[1]
-        if offset + length > self.table.shape[0]:
-            raise ValueError(f"sequence of {offset + length} positions exceeds the maximum {self.table.shape[0]}")
-        return x + self.table[offset:offset + length].to(x.dtype)
 
-
-class LearnedPositions(nn.Module):
-    """Adds a learned position vector per position (Whisper's decoder)."""
+class LearnedPositions(_Positions):
+    """A learned vector per position (Whisper's decoder)."""
 
     def __init__(self, max_len: int, d_model: int) -> None:
         super().__init__()
         self.table = nn.Parameter(torch.empty(max_len, d_model).normal_(std=0.01))
-
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        length = x.shape[1]
-        if offset + length > self.table.shape[0]:
-            raise ValueError(f"sequence of {offset + length} positions exceeds the maximum {self.table.shape[0]}")
-        return x + self.table[offset:offset + length].to(x.dtype)
 
 
 class Conv2dSubsampling(nn.Module):
@@ -77,6 +77,10 @@ class Conv2dSubsampling(nn.Module):
         )
         freq = ((n_mels - 1) // 2 - 1) // 2
         self.proj = nn.Linear(channels * freq, d_model)
+        # Normalised output: the residual stream starts at unit scale, the size of the positions
+        # added next. Without it the projection was seen to grow to ~20x that size in training,
+        # drowning every layer's update (and the positions) and slowing learning.
+        self.norm = nn.LayerNorm(d_model)
 
     @staticmethod
     def output_lengths(lengths: Tensor) -> Tensor:
@@ -85,7 +89,7 @@ class Conv2dSubsampling(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [B, T, F] -> [B, T', D]
         y = self.conv(x.unsqueeze(1))  # [B, C, T', F']
         b, c, t, f = y.shape
-        return self.proj(y.transpose(1, 2).reshape(b, t, c * f))
+        return self.norm(self.proj(y.transpose(1, 2).reshape(b, t, c * f)))
 
 
 class Conv1dSubsampling(nn.Module):
