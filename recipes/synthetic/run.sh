@@ -14,10 +14,10 @@ stop_stage=100
 config=conf/train.yaml
 data=data/synthetic        # corpus (stage 0)
 exp=exp/transformer        # tokenizer, checkpoints, logs, model, reports (as in conf/train.yaml)
-num_train=3000
+num_train=8000
 vocab_size=256
 beam_size=4
-num_average=3
+num_average=1            # still improving fast at the end: averaging earlier epochs was measured to hurt (25.4% -> 29.4% with 2)
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
