@@ -105,26 +105,19 @@ def train_step(quick: bool, compile_model: bool = False) -> dict:
     flops = training_flops(cfg, batch, frames, tokens + 1)
     peak = RESULTS.get("matmul_peak", {}).get("bf16_matmul_tflops")
 
-    def step():
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(wav, wl, tok, tl)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    variants = [("eager", step)]
-    if compile_model:
-        compiled = torch.compile(model)
-
-        def step_compiled():
+    def make_step(forward):
+        def step():
             with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                loss = compiled(wav, wl, tok, tl)["loss"]
+                loss = forward(wav, wl, tok, tl)["loss"]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        variants.append(("compiled", step_compiled))
+        return step
+
+    variants = [("eager", make_step(model))]
+    if compile_model:
+        variants.append(("compiled", make_step(torch.compile(model))))
     for name, fn in variants:
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()

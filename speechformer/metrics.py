@@ -283,9 +283,9 @@ def format_summary(report: EvalReport, name: str = "test") -> str:
 
     Example::
 
-        | set  | utts | words | WER % | CER % | sub | del | ins |
-        |------|------|-------|-------|-------|-----|-----|-----|
-        | test |    2 |     7 | 28.57 | 12.50 |   1 |   1 |   0 |
+        | set      | utts  | words  | WER %  | CER %  | sub   | del   | ins   |
+        |----------|-------|--------|--------|--------|-------|-------|-------|
+        | test     |     2 |      7 |  28.57 |  12.50 |     1 |     1 |     0 |
     """
 
     def pct(x: float) -> str:
@@ -302,7 +302,9 @@ def format_summary(report: EvalReport, name: str = "test") -> str:
         str(report.deletions),
         str(report.insertions),
     ]
-    widths = [max(len(h), len(v)) for h, v in zip(header, values)]
+    # fixed minimum widths, so that rows printed for several sets line up under one header
+    minimum = [8, 5, 6, 6, 6, 5, 5, 5]
+    widths = [max(len(h), len(v), m) for h, v, m in zip(header, values, minimum)]
     head = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     row = "| " + " | ".join(
