@@ -47,7 +47,7 @@ class SpeechModule(L.LightningModule):
     # ----------------------------------------------------------------- setup
     def on_fit_start(self) -> None:
         # x86 CPUs compute on subnormal floats ~100x slower; Adam's second moments and tiny
-        # gradients produce them, and a CPU training step was measured 8x slower because of it
+        # gradients can produce them (a profiled CPU step on random data ran 8x slower)
         torch.set_flush_denormal(True)
 
     def setup(self, stage: str) -> None:
@@ -81,11 +81,8 @@ class SpeechModule(L.LightningModule):
         print(f"speechformer: feature statistics from {n} utterances ({count} frames)")
 
     # ----------------------------------------------------------------- steps
-    def _batch_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model(batch["wav"], batch["wav_lengths"], batch["tokens"], batch["token_lengths"])
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self._batch_loss(batch)
+        out = self.model(batch["wav"], batch["wav_lengths"], batch["tokens"], batch["token_lengths"])
         bs = len(batch["ids"])
         self.log("train_loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log_dict({f"train_{k}": v for k, v in out.items() if k != "loss"}, batch_size=bs)
@@ -93,16 +90,14 @@ class SpeechModule(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self._batch_loss(batch)
+        # one encoder pass serves both the losses and the decoding
+        memory, mem_lengths, _ = self.model.encode(batch["wav"], batch["wav_lengths"])
+        out = self.model.losses(memory, mem_lengths, batch["tokens"], batch["token_lengths"])
         bs = len(batch["ids"])
         self.log("val_loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val_accuracy", out["accuracy"], batch_size=bs, sync_dist=True)
-        self._val_outputs.append((batch["ids"], batch["texts"], self.transcribe_batch(batch)))
-
-    def transcribe_batch(self, batch: dict[str, Any]) -> list[str]:
-        memory, mem_lengths, _ = self.model.encode(batch["wav"], batch["wav_lengths"])
         ids = decode(self.model, memory, mem_lengths, DecodeOptions(beam_size=self.val_beam_size))
-        return [self.tokenizer.decode(x) for x in ids]
+        self._val_outputs.append((batch["ids"], batch["texts"], [self.tokenizer.decode(x) for x in ids]))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:

@@ -165,8 +165,13 @@ class SpeechTransformer(nn.Module):
                 ) -> dict[str, Tensor]:
         """Losses for a batch. ``tokens`` [B, L] are transcripts without bos/eos, padded
         anywhere past ``token_lengths``. Returns loss, att_loss, ctc_loss, accuracy."""
-        c = self.config
         memory, mem_lengths, _ = self.encode(wav, wav_lengths)
+        return self.losses(memory, mem_lengths, tokens, token_lengths)
+
+    def losses(self, memory: Tensor, mem_lengths: Tensor, tokens: Tensor, token_lengths: Tensor
+               ) -> dict[str, Tensor]:
+        """The losses given the encoder memory (validation reuses the memory for decoding)."""
+        c = self.config
         b, length = tokens.shape
         positions = torch.arange(length + 1, device=tokens.device)[None, :]
         real = positions < token_lengths[:, None]  # [B, L+1]
