@@ -3,7 +3,7 @@
 ``fit``, ``validate`` and ``test`` are Lightning's own (LightningCLI): every Trainer flag
 works (``--trainer.devices``, ``--trainer.precision``, ``--trainer.max_epochs``...), and
 ``--config conf/x.yaml`` sets them from a file. The rest are small argparse commands:
-``tokenizer train``, ``average``, ``export``, ``transcribe``, ``evaluate``.
+``tokenizer train``, ``average``, ``export``, ``import-whisper``, ``transcribe``, ``evaluate``.
 """
 
 from __future__ import annotations
@@ -104,6 +104,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_whisper(args: argparse.Namespace) -> int:
+    from .whisper import import_whisper
+    from .transcribe import load_model
+
+    out = import_whisper(args.src, args.out, tokenizer=args.tokenizer, language=args.language, task=args.task)
+    bundle = load_model(out)
+    c = bundle.model.config
+    print(f"import-whisper: {args.src} -> {out} ({bundle.model.num_parameters() / 1e6:.1f}M parameters, "
+          f"{c.n_encoder_layers}+{c.n_decoder_layers} layers, d_model {c.d_model}, {c.n_mels} mels, "
+          f"vocab {c.vocab_size}{', no tokenizer: pass --tokenizer to transcribe' if bundle.tokenizer is None else ''})")
+    return 0
+
+
+def _load_transcriber(args: argparse.Namespace, **kwargs):  # type: ignore[no-untyped-def]
+    from .tokenizer import WhisperTokenizer
+    from .transcribe import Transcriber, load_model
+
+    bundle = load_model(args.model)
+    if args.language or args.task:
+        if not isinstance(bundle.tokenizer, WhisperTokenizer):
+            raise ValueError("--language/--task apply to Whisper models only")
+        data = bundle.tokenizer.payload() | {k: v for k, v in (("language", args.language), ("task", args.task)) if v}
+        bundle.tokenizer = WhisperTokenizer.from_payload(data)
+    return Transcriber(bundle, device=args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
+                       beam_size=args.beam_size, batch_seconds=args.batch_seconds, **kwargs)
+
+
 def _expand_inputs(items: Sequence[str]) -> list[Path]:
     from .audio import expand_audio_paths
 
@@ -122,15 +149,14 @@ def _format_results(results: list, fmt: str) -> str:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from .transcribe import Transcriber, atomic_write_text
+    from .transcribe import atomic_write_text
 
     try:
         paths = _expand_inputs(args.inputs)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    transcriber = Transcriber.from_pretrained(args.model, device=args.device, beam_size=args.beam_size,
-                                              batch_seconds=args.batch_seconds, chunk_seconds=args.chunk_seconds)
+    transcriber = _load_transcriber(args, chunk_seconds=args.chunk_seconds)
     failed = 0
 
     def report(result) -> None:  # type: ignore[no-untyped-def]
@@ -160,11 +186,10 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import read_manifest
     from .metrics import format_summary, score, write_report
-    from .transcribe import AudioItem, Transcriber
+    from .transcribe import AudioItem
 
     utts = read_manifest(args.manifest)
-    transcriber = Transcriber.from_pretrained(args.model, device=args.device, beam_size=args.beam_size,
-                                              batch_seconds=args.batch_seconds)
+    transcriber = _load_transcriber(args)
     items = [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utts]
     results = list(transcriber.transcribe_items(items, progress=not args.quiet and sys.stderr.isatty()))
     failed = [r for r in results if not r.ok]
@@ -206,12 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_export)
 
+    w = sub.add_parser("import-whisper", help="convert OpenAI Whisper weights (openai .pt, Hugging Face or "
+                       "CTranslate2 folder) into a speechformer model folder")
+    w.add_argument("src", help="openai-whisper .pt file, Hugging Face folder, or CTranslate2 folder")
+    w.add_argument("--out", required=True, help="model folder to write")
+    w.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one next to the weights)")
+    w.add_argument("--language", default="en", help="multilingual models: language code (default en)")
+    w.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
+    w.set_defaults(func=cmd_import_whisper)
+
     def decoding_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", required=True, help="exported model directory or .ckpt")
         sp.add_argument("--beam-size", type=int, default=1)
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--batch-seconds", type=float, default=240.0, help="audio seconds per batch (padded)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.add_argument("--language", default=None, help="Whisper multilingual models: language code")
+        sp.add_argument("--task", choices=("transcribe", "translate"), default=None, help="Whisper: task")
 
     tr = sub.add_parser("transcribe", help="transcribe audio files, folders and globs")
     decoding_flags(tr)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .audio import load_audio
-from .tokenizer import Tokenizer
+from .tokenizer import AnyTokenizer, load_tokenizer
 
 
 @dataclass
@@ -101,7 +101,7 @@ def write_manifest(path: str | Path, utts: Sequence[Utterance]) -> None:
 class SpeechDataset(Dataset):
     """Utterances of a manifest as (id, waveform, token ids)."""
 
-    def __init__(self, utts: Sequence[Utterance], tokenizer: Tokenizer | None, sample_rate: int = 16000) -> None:
+    def __init__(self, utts: Sequence[Utterance], tokenizer: AnyTokenizer | None, sample_rate: int = 16000) -> None:
         self.utts = list(utts)
         self.tokenizer = tokenizer
         self.sample_rate = sample_rate
@@ -223,7 +223,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.max_duration = max_duration
-        self.tokenizer: Tokenizer | None = None
+        self.tokenizer: AnyTokenizer | None = None
         self.datasets: dict[str, SpeechDataset] = {}
 
     def _dataset(self, split: str, manifest: str) -> SpeechDataset:
@@ -231,7 +231,7 @@ class SpeechDataModule(L.LightningDataModule):
             if not manifest:
                 raise ValueError(f"data: no {split}_manifest given (set data.{split}_manifest)")
             if self.tokenizer is None:
-                self.tokenizer = Tokenizer.load(self.tokenizer_path)
+                self.tokenizer = load_tokenizer(self.tokenizer_path)
             utts = read_manifest(manifest)
             if self.max_duration > 0 and split == "train":
                 utts = [u for u in utts if u.duration <= self.max_duration]

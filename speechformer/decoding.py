@@ -4,6 +4,11 @@ Both run the encoder once per batch, keep each decoder layer's keys/values in
 preallocated caches (so step t costs one token, not t), and never loop forever: the
 number of steps is capped by a maximum tied to the input length (a transcript cannot
 have more tokens than the encoder has frames) and by the model's position table.
+
+What to feed first, when to stop and which tokens never to emit come from the
+tokenizer as :class:`~speechformer.tokenizer.DecodeRules` (speechformer's own models:
+``<s>`` then anything but ``<blank>``/``<s>``; Whisper: its start-of-transcript prompt,
+suppressed non-speech tokens, no blank first token, and the no-speech probability).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .model import SpeechTransformer
+from .tokenizer import DecodeRules
 
 
 @dataclass
@@ -30,9 +36,48 @@ class DecodeOptions:
             raise ValueError(f"max_len_ratio must be positive, got {self.max_len_ratio}")
 
 
-def max_decode_length(model: SpeechTransformer, mem_lengths: Tensor, options: DecodeOptions) -> int:
+@dataclass
+class Hypothesis:
+    """One decoded transcript: token ids (no prompt, no end token) and how sure the model was."""
+
+    tokens: list[int]
+    logprob: float = 0.0  # sum of the emitted tokens' log-probabilities, the end token included
+    no_speech_prob: float | None = None  # Whisper: P(<|nospeech|>) at the start-of-transcript position
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.logprob / (len(self.tokens) + 1)
+
+
+def default_rules(model: SpeechTransformer) -> DecodeRules:
+    """speechformer's own layout: start with ``<s>``, never emit ``<blank>`` or ``<s>``."""
+    c = model.config
+    return DecodeRules(prompt=[c.bos_id], eos_id=c.eos_id, suppress=[c.blank_id, c.bos_id])
+
+
+class _Suppressor:
+    """Sets the logits of forbidden tokens to -inf (a precomputed mask, one op per step)."""
+
+    def __init__(self, rules: DecodeRules, vocab_size: int, device: torch.device) -> None:
+        self.always = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.always[[i for i in rules.suppress if i < vocab_size]] = True
+        self.first = self.always.clone()
+        self.first[[i for i in rules.suppress_at_start if i < vocab_size]] = True
+
+    def __call__(self, logits: Tensor, step: int) -> Tensor:
+        return logits.masked_fill(self.first if step == 0 else self.always, float("-inf"))
+
+
+def _no_speech(logits: Tensor, rules: DecodeRules) -> Tensor | None:
+    if rules.no_speech_id is None:
+        return None
+    return logits[:, rules.sot_index].float().softmax(-1)[:, rules.no_speech_id]
+
+
+def max_decode_length(model: SpeechTransformer, mem_lengths: Tensor, options: DecodeOptions,
+                      prompt_len: int = 1) -> int:
     """Steps allowed for this batch: tied to the longest input, bounded by the position table."""
-    cap = model.config.max_target_positions - 1
+    cap = model.config.max_target_positions - prompt_len
     if options.max_len > 0:
         cap = min(cap, options.max_len)
     return max(1, min(cap, int(mem_lengths.max().item() * options.max_len_ratio) + 2))
@@ -40,35 +85,36 @@ def max_decode_length(model: SpeechTransformer, mem_lengths: Tensor, options: De
 
 @torch.inference_mode()
 def greedy_decode(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
-                  options: DecodeOptions | None = None) -> list[list[int]]:
-    """Most likely token at every step, for the whole batch at once. Returns token ids
-    without bos/eos, one list per utterance."""
+                  options: DecodeOptions | None = None, rules: DecodeRules | None = None) -> list[Hypothesis]:
+    """Most likely token at every step, for the whole batch at once."""
     options = options or DecodeOptions()
-    c = model.config
-    b = memory.shape[0]
-    max_len = max_decode_length(model, mem_lengths, options)
+    rules = rules or default_rules(model)
+    b, device = memory.shape[0], memory.device
+    prompt = torch.tensor(rules.prompt, dtype=torch.long, device=device)
+    max_len = max_decode_length(model, mem_lengths, options, len(rules.prompt))
     mask = model.memory_mask(mem_lengths, memory.shape[1])
-    state = model.init_state(memory, max_len + 1)
-    tokens = torch.full((b, 1), c.bos_id, dtype=torch.long, device=memory.device)
-    out = torch.full((b, max_len), c.eos_id, dtype=torch.long, device=memory.device)
-    finished = torch.zeros(b, dtype=torch.bool, device=memory.device)
+    state = model.init_state(memory, len(rules.prompt) + max_len)
+    suppress = _Suppressor(rules, model.config.vocab_size, device)
+    tokens = prompt.expand(b, -1)
+    out = torch.full((b, max_len), rules.eos_id, dtype=torch.long, device=device)
+    logprob = torch.zeros(b, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    no_speech = None
     for step in range(max_len):
         logits, _ = model.decode(tokens, memory, mask, state)
-        nxt = _suppress(logits[:, -1], model).argmax(-1)
-        nxt = torch.where(finished, c.eos_id, nxt)
+        if step == 0:
+            no_speech = _no_speech(logits, rules)
+        logp = suppress(logits[:, -1].float(), step).log_softmax(-1)
+        nxt = logp.argmax(-1)
+        logprob += torch.where(finished, 0.0, logp.gather(1, nxt[:, None])[:, 0])
+        nxt = torch.where(finished, rules.eos_id, nxt)
         out[:, step] = nxt
-        finished |= nxt == c.eos_id
+        finished |= nxt == rules.eos_id
         if bool(finished.all()):
             break
         tokens = nxt[:, None]
-    return [_strip(row, c.eos_id) for row in out.tolist()]
-
-
-def _suppress(logits: Tensor, model: SpeechTransformer) -> Tensor:
-    """Tokens that can never be emitted: the CTC blank and the start token."""
-    logits[..., model.config.blank_id] = float("-inf")
-    logits[..., model.config.bos_id] = float("-inf")
-    return logits
+    ns = no_speech.tolist() if no_speech is not None else [None] * b
+    return [Hypothesis(_strip(row, rules.eos_id), lp, n) for row, lp, n in zip(out.tolist(), logprob.tolist(), ns)]
 
 
 def _strip(ids: list[int], eos: int) -> list[int]:
@@ -77,7 +123,7 @@ def _strip(ids: list[int], eos: int) -> list[int]:
 
 @torch.inference_mode()
 def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
-                options: DecodeOptions) -> list[list[int]]:
+                options: DecodeOptions, rules: DecodeRules | None = None) -> list[Hypothesis]:
     """Batched beam search with length normalisation.
 
     All B x K hypotheses advance together as one batch of B*K rows. At each step every
@@ -86,34 +132,40 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
     alive, and the caches are reordered to follow their parents. An utterance is done
     when it has K finished hypotheses and no alive beam can still beat its best one.
     """
-    c = model.config
+    rules = rules or default_rules(model)
+    eos = rules.eos_id
     k = options.beam_size
     if k == 1:
-        return greedy_decode(model, memory, mem_lengths, options)
+        return greedy_decode(model, memory, mem_lengths, options, rules)
     b, device = memory.shape[0], memory.device
-    max_len = max_decode_length(model, mem_lengths, options)
+    max_len = max_decode_length(model, mem_lengths, options, len(rules.prompt))
     memory = memory.repeat_interleave(k, dim=0)
     mem_lengths = mem_lengths.repeat_interleave(k, dim=0)
     mask = model.memory_mask(mem_lengths, memory.shape[1])
-    state = model.init_state(memory, max_len + 1)
+    state = model.init_state(memory, len(rules.prompt) + max_len)
+    suppress = _Suppressor(rules, model.config.vocab_size, device)
 
     scores = torch.zeros(b, k, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive
-    history = torch.full((b * k, 0), c.bos_id, dtype=torch.long, device=device)
-    last = torch.full((b * k, 1), c.bos_id, dtype=torch.long, device=device)
+    history = torch.zeros((b * k, 0), dtype=torch.long, device=device)
+    last = torch.tensor(rules.prompt, dtype=torch.long, device=device).expand(b * k, -1)
     best_score = torch.full((b,), float("-inf"), device=device)
+    best_raw = torch.zeros(b, device=device)
     best_tokens: list[list[int] | None] = [None] * b
+    no_speech = None
     n_finished = torch.zeros(b, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     rows = torch.arange(b, device=device)
 
     for step in range(max_len):
         logits, _ = model.decode(last, memory, mask, state)
-        logp = _suppress(logits[:, -1].float(), model).log_softmax(-1).view(b, k, -1)
+        if step == 0:
+            no_speech = _no_speech(logits[::k], rules)
+        logp = suppress(logits[:, -1].float(), step).log_softmax(-1).view(b, k, -1)
         cand = scores[..., None] + logp  # [B, K, V]
         length = step + 1
         # hypotheses that end here
-        eos_scores = cand[..., c.eos_id] / length ** options.length_penalty  # [B, K]
+        eos_scores = cand[..., eos] / length ** options.length_penalty  # [B, K]
         eos_scores = eos_scores.masked_fill(done[:, None], float("-inf"))
         n_finished += torch.isfinite(eos_scores).sum(-1)
         top_eos, top_beam = eos_scores.max(-1)
@@ -123,8 +175,9 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
             for i in improved.nonzero().flatten().tolist():
                 best_tokens[i] = hist[i, top_beam[i]].tolist()
             best_score = torch.where(improved, top_eos, best_score)
+            best_raw = torch.where(improved, top_eos * length ** options.length_penalty, best_raw)
         # the rest stay alive
-        cand[..., c.eos_id] = float("-inf")
+        cand[..., eos] = float("-inf")
         flat = cand.view(b, -1)
         scores, idx = flat.topk(k, dim=-1)
         parent = idx // cand.shape[-1]
@@ -143,19 +196,20 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
 
     results = []
     hist = history.view(b, k, -1)
+    ns = no_speech.tolist() if no_speech is not None else [None] * b
     for i in range(b):
         if best_tokens[i] is not None:
-            results.append(best_tokens[i])
+            results.append(Hypothesis(best_tokens[i], float(best_raw[i]), ns[i]))
         else:  # nothing finished within max_len: take the best alive hypothesis
-            results.append(hist[i, int(scores[i].argmax())].tolist() if torch.isfinite(scores[i]).any()
-                           else hist[i, 0].tolist())
+            j = int(scores[i].argmax()) if torch.isfinite(scores[i]).any() else 0
+            results.append(Hypothesis(hist[i, j].tolist(), float(scores[i, j]), ns[i]))
     return results
 
 
 def decode(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
-           options: DecodeOptions | None = None) -> list[list[int]]:
+           options: DecodeOptions | None = None, rules: DecodeRules | None = None) -> list[Hypothesis]:
     """Greedy for beam 1, beam search otherwise."""
     options = options or DecodeOptions()
     if options.beam_size == 1:
-        return greedy_decode(model, memory, mem_lengths, options)
-    return beam_search(model, memory, mem_lengths, options)
+        return greedy_decode(model, memory, mem_lengths, options, rules)
+    return beam_search(model, memory, mem_lengths, options, rules)

@@ -73,9 +73,13 @@ class LogMelFrontend(nn.Module):
 class WhisperFrontend(nn.Module):
     """OpenAI Whisper's log-mel spectrogram over 30-second windows.
 
-    As openai-whisper does, the *audio* is padded with zeros (not the features): each
-    waveform is padded to 30 s plus half a window, so every one of the 3000 frames sees
-    real samples or zeros, exactly as in the reference engine.
+    Exactly as openai-whisper's ``transcribe`` computes a window: the log-mel is taken over
+    the audio followed by zeros (so the last real frames see real silence after the
+    audio, through a centred STFT), the dynamic-range clamp uses the maximum over those
+    frames, and then the frames past the audio (``samples // 160`` of them are kept) are
+    set to zero, i.e. the *features* are padded to the 3000 frames of 30 seconds.
+    (Padding the audio to 30 s and keeping the log-mel of the silence, as
+    ``whisper.pad_or_trim`` on audio does, gives other values there and other transcripts.)
     """
 
     n_fft = 400
@@ -87,10 +91,10 @@ class WhisperFrontend(nn.Module):
         super().__init__()
         if sample_rate != 16000:
             raise ValueError("Whisper models take 16 kHz audio")
-        import librosa  # imported here: it takes seconds to import and only Whisper needs it
-
-        filters = librosa.filters.mel(sr=sample_rate, n_fft=self.n_fft, n_mels=n_mels)
-        self.register_buffer("filters", torch.from_numpy(filters).float(), persistent=False)
+        # Slaney-style mel filters, as librosa.filters.mel (and Whisper's mel_filters.npz) has them
+        filters = torchaudio.functional.melscale_fbanks(self.n_fft // 2 + 1, 0.0, sample_rate / 2, n_mels,
+                                                        sample_rate, norm="slaney", mel_scale="slaney").T
+        self.register_buffer("filters", filters.contiguous(), persistent=False)
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
 
     def frame_lengths(self, lengths: Tensor) -> Tensor:
@@ -109,6 +113,8 @@ class WhisperFrontend(nn.Module):
             log_spec = (self.filters @ power).clamp_min(1e-10).log10()
             log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
             x = ((log_spec + 4.0) / 4.0).transpose(1, 2)
+            content = torch.arange(self.n_frames, device=x.device)[None, :] < (lengths // self.hop_length)[:, None]
+            x = x * content[..., None]
         return x, self.frame_lengths(lengths)
 
     def forward(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,9 +1,12 @@
 """The LightningModule: losses, optimiser and schedule, validation WER/CER, checkpoint contents.
 
 Checkpoints carry, besides Lightning's own state, a ``"speechformer"`` entry of plain
-types only (the model config as a dict, the tokenizer's sentencepiece model as bytes,
-the validation scores), so one ``.ckpt`` maps waveforms to text and loads with
+types only (the model config as a dict, the tokenizer as plain data, the validation
+scores), so one ``.ckpt`` maps waveforms to text and loads with
 ``torch.load(..., weights_only=True)``.
+
+``init_from`` starts from an existing model (an imported Whisper folder, an exported
+model or a checkpoint) instead of random weights: that is fine-tuning.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from .decoding import DecodeOptions, decode
 from .metrics import score
 from .model import ModelConfig, SpeechTransformer
 from .text import normalize_text
-from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer
 
 
 class SpeechModule(L.LightningModule):
@@ -27,21 +30,41 @@ class SpeechModule(L.LightningModule):
     def __init__(self, model: ModelConfig | None = None, tokenizer: str = "", lr: float = 1e-3,
                  weight_decay: float = 0.01, warmup_steps: int = 500, min_lr_ratio: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.98), stats_utterances: int = 500,
-                 val_beam_size: int = 1) -> None:
+                 val_beam_size: int = 1, init_from: str = "", freeze_encoder: bool = False) -> None:
+        """``model`` sizes a new model; ``init_from`` (a model folder or checkpoint) starts
+        from trained weights instead, and ``model`` is then ignored. ``freeze_encoder``
+        trains only the decoder (the encoder runs without gradients)."""
         super().__init__()
-        config = model or ModelConfig()
-        self.tokenizer = Tokenizer.load(tokenizer) if tokenizer else None
-        if self.tokenizer is not None:
-            config.vocab_size = self.tokenizer.vocab_size
-            config.blank_id, config.bos_id, config.eos_id = (self.tokenizer.blank_id, self.tokenizer.bos_id,
-                                                             self.tokenizer.eos_id)
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
+        if init_from:
+            from .transcribe import load_model
+
+            bundle = load_model(init_from)
+            if self.tokenizer is None:
+                self.tokenizer = bundle.tokenizer
+            elif self.tokenizer.payload() != bundle.tokenizer.payload():
+                raise ValueError(f"model.init_from {init_from} was trained with another tokenizer than "
+                                 f"{tokenizer}; point data.tokenizer at {init_from}")
+            config = bundle.model.config
+            self.model = bundle.model.train()
+        else:
+            config = model or ModelConfig()
+            if self.tokenizer is not None:
+                config.vocab_size = self.tokenizer.vocab_size
+                config.bos_id, config.eos_id = self.tokenizer.bos_id, self.tokenizer.eos_id
+                if self.tokenizer.blank_id is not None:
+                    config.blank_id = self.tokenizer.blank_id
+            self.model = SpeechTransformer(config)
         self.config = config
-        self.model = SpeechTransformer(config)
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            for p in self.model.encoder_parameters():
+                p.requires_grad_(False)
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, tuple(betas)
         self.stats_utterances = stats_utterances
         self.val_beam_size = val_beam_size
-        self.max_input_seconds = 0.0  # longest training utterance: longer audio is chunked
+        self.max_input_seconds = 30.0 if config.frontend == "whisper" else 0.0  # longer audio is chunked
         self._val_outputs: list[tuple[list[str], list[str], list[str]]] = []
 
     # ----------------------------------------------------------------- setup
@@ -81,8 +104,14 @@ class SpeechModule(L.LightningModule):
         print(f"speechformer: feature statistics from {n} utterances ({count} frames)")
 
     # ----------------------------------------------------------------- steps
+    @property
+    def prompt(self) -> list[int] | None:
+        return self.tokenizer.prompt if self.tokenizer is not None else None
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["wav"], batch["wav_lengths"], batch["tokens"], batch["token_lengths"])
+        with torch.set_grad_enabled(not self.freeze_encoder):
+            memory, mem_lengths, _ = self.model.encode(batch["wav"], batch["wav_lengths"])
+        out = self.model.losses(memory, mem_lengths, batch["tokens"], batch["token_lengths"], self.prompt)
         bs = len(batch["ids"])
         self.log("train_loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log_dict({f"train_{k}": v for k, v in out.items() if k != "loss"}, batch_size=bs)
@@ -92,12 +121,13 @@ class SpeechModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # one encoder pass serves both the losses and the decoding
         memory, mem_lengths, _ = self.model.encode(batch["wav"], batch["wav_lengths"])
-        out = self.model.losses(memory, mem_lengths, batch["tokens"], batch["token_lengths"])
+        out = self.model.losses(memory, mem_lengths, batch["tokens"], batch["token_lengths"], self.prompt)
         bs = len(batch["ids"])
         self.log("val_loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val_accuracy", out["accuracy"], batch_size=bs, sync_dist=True)
-        ids = decode(self.model, memory, mem_lengths, DecodeOptions(beam_size=self.val_beam_size))
-        self._val_outputs.append((batch["ids"], batch["texts"], [self.tokenizer.decode(x) for x in ids]))
+        hyps = decode(self.model, memory, mem_lengths, DecodeOptions(beam_size=self.val_beam_size),
+                      self.tokenizer.rules())
+        self._val_outputs.append((batch["ids"], batch["texts"], [self.tokenizer.decode(h.tokens) for h in hyps]))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:
@@ -128,6 +158,8 @@ class SpeechModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
             (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
@@ -150,7 +182,7 @@ class SpeechModule(L.LightningModule):
         metrics = self.trainer.callback_metrics if self.trainer is not None else {}
         checkpoint["speechformer"] = {
             "config": self.config.to_dict(),
-            "tokenizer_model": self.tokenizer.model_proto if self.tokenizer is not None else b"",
+            "tokenizer": self.tokenizer.payload() if self.tokenizer is not None else None,
             "val_wer": float(metrics["val_wer"]) if "val_wer" in metrics else None,
             "val_loss": float(metrics["val_loss"]) if "val_loss" in metrics else None,
             "max_input_seconds": self.max_input_seconds,

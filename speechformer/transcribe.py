@@ -1,13 +1,19 @@
 """From audio files to text with a trained model: loading, batching, long audio, export.
 
 A *model* is either a Lightning checkpoint (``.ckpt``) written by ``speechformer fit`` or
-an inference directory written by ``speechformer export`` (``config.json``,
-``model.safetensors``, ``tokenizer.model``). Both load without unpickling anything:
-checkpoints with ``torch.load(..., weights_only=True)``, weights with safetensors.
+a model directory written by ``speechformer export`` or ``speechformer import-whisper``
+(``config.json``, ``model.safetensors``, and ``tokenizer.model`` or Whisper's
+``tokenizer.json``). Both load without unpickling anything: checkpoints with
+``torch.load(..., weights_only=True)``, weights with safetensors.
+
+Whisper models get Whisper's guards: a window whose no-speech probability is high and
+whose transcript is unsure is dropped (no text on silence), and a transcript that
+compresses too well (a repetition loop) is cut back to where the loop began.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sys
@@ -22,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .audio import AudioError, load_audio, split_long_audio
-from .decoding import DecodeOptions, decode
+from .decoding import DecodeOptions, Hypothesis, decode
 from .model import ModelConfig, SpeechTransformer
-from .tokenizer import MODEL_FILE, Tokenizer
+from .tokenizer import AnyTokenizer, load_tokenizer, tokenizer_from_payload
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -36,7 +42,7 @@ class ModelBundle:
     """A model with everything needed to use it."""
 
     model: SpeechTransformer
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     max_input_seconds: float = DEFAULT_MAX_SECONDS
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -61,7 +67,7 @@ def bundle_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> 
     model = SpeechTransformer(config)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    tokenizer = Tokenizer(meta["tokenizer_model"])
+    tokenizer = tokenizer_from_payload(meta["tokenizer"] if meta.get("tokenizer") else meta["tokenizer_model"])
     return ModelBundle(model.eval(), tokenizer, float(meta.get("max_input_seconds") or DEFAULT_MAX_SECONDS), meta)
 
 
@@ -75,7 +81,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBun
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
         model = SpeechTransformer(ModelConfig.from_dict(meta["model"]))
         model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-        tokenizer = Tokenizer.load(path / MODEL_FILE)
+        tokenizer = load_tokenizer(path)
         bundle = ModelBundle(model.eval(), tokenizer, float(meta.get("max_input_seconds", DEFAULT_MAX_SECONDS)),
                              meta)
     elif path.is_file():
@@ -87,13 +93,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBun
 
 
 def export_model(bundle: ModelBundle, out_dir: str | Path) -> Path:
-    """Write an inference directory: config.json, model.safetensors, tokenizer.model."""
+    """Write a model directory: config.json, model.safetensors and the tokenizer's files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
     save_file(state, str(out / (WEIGHTS_FILE + ".tmp")))
-    os.replace(out / (WEIGHTS_FILE + ".tmp"), out / WEIGHTS_FILE)
-    bundle.tokenizer.save(out)
+    _publish(out / (WEIGHTS_FILE + ".tmp"), out / WEIGHTS_FILE)
+    if bundle.tokenizer is not None:
+        bundle.tokenizer.save(out)
     meta = {"format": "speechformer", "model": bundle.model.config.to_dict(),
             "max_input_seconds": bundle.max_input_seconds,
             "val_wer": bundle.meta.get("val_wer"), "source": bundle.meta.get("source")}
@@ -109,10 +116,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        _publish(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give a finished temporary file the usual permissions (mkstemp makes it 0600), then rename it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -157,13 +172,24 @@ class Transcriber:
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu", beam_size: int = 1,
                  batch_seconds: float = 240.0, max_batch_size: int = 32, num_threads: int = 2,
-                 chunk_seconds: float | None = None, pause_seconds: float | None = 0.5) -> None:
+                 chunk_seconds: float | None = None, pause_seconds: float | None = 0.5,
+                 no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
+                 compression_ratio_threshold: float = 2.4) -> None:
         torch.set_flush_denormal(True)  # subnormal floats are ~100x slower on x86 CPUs
+        if bundle.tokenizer is None:
+            raise ValueError("this model has no tokenizer; import it again with --tokenizer tokenizer.json")
         self.bundle = bundle
         self.model = bundle.model.to(device).eval()
         self.tokenizer = bundle.tokenizer
+        self.rules = self.tokenizer.rules()
         self.device = torch.device(device)
-        self.options = DecodeOptions(beam_size=beam_size)
+        self.whisper = self.model.config.frontend == "whisper"
+        # Whisper: at most half the decoder's positions per 30 s window, as openai-whisper
+        self.options = DecodeOptions(beam_size=beam_size,
+                                     max_len=self.model.config.max_target_positions // 2 if self.whisper else 0)
+        self.no_speech_threshold = no_speech_threshold
+        self.logprob_threshold = logprob_threshold
+        self.compression_ratio_threshold = compression_ratio_threshold
         if batch_seconds <= 0:
             raise ValueError(f"--batch-seconds must be positive, got {batch_seconds}")
         self.batch_seconds = batch_seconds
@@ -174,7 +200,7 @@ class Transcriber:
         # frames round intervals outwards, and a whole training-length sentence must fit
         self.chunk_seconds = chunk_seconds or 1.25 * bundle.max_input_seconds
         self.pause_seconds = pause_seconds  # long audio: a pause this long always ends a chunk
-        if self.model.config.frontend == "whisper":
+        if self.whisper:
             self.chunk_seconds = min(self.chunk_seconds, 30.0)
 
     @classmethod
@@ -213,7 +239,9 @@ class Transcriber:
         """Texts for 1-D float waveforms at the model's sample rate (each within one chunk)."""
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
         texts: list[str] = [""] * len(wavs)
-        for batch in self._batches([len(wavs[i]) for i in order]):
+        # a Whisper window always costs 30 s of encoder, however short its audio
+        costs = [self.model.frontend.chunk_samples if self.whisper else len(wavs[i]) for i in order]
+        for batch in self._batches(costs):
             idx = [order[i] for i in batch]
             for i, text in zip(idx, self._run([wavs[i] for i in idx])):
                 texts[i] = text
@@ -270,10 +298,52 @@ class Transcriber:
             yield batch
 
     def _run(self, wavs: Sequence[Tensor]) -> list[str]:
-        lengths = torch.tensor([len(w) for w in wavs])
-        batch = torch.zeros(len(wavs), int(lengths.max()))
-        for i, w in enumerate(wavs):
-            batch[i, :len(w)] = w
+        texts = [""] * len(wavs)
+        # digital silence has nothing to say: do not ask the model (it may hallucinate)
+        live = [i for i, w in enumerate(wavs) if len(w) and float(w.abs().max()) > SILENCE_PEAK]
+        if not live:
+            return texts
+        lengths = torch.tensor([len(wavs[i]) for i in live])
+        batch = torch.zeros(len(live), int(lengths.max()))
+        for row, i in enumerate(live):
+            batch[row, :len(wavs[i])] = wavs[i]
         memory, mem_lengths, _ = self.model.encode(batch.to(self.device), lengths.to(self.device))
-        ids = decode(self.model, memory, mem_lengths, self.options)
-        return [self.tokenizer.decode(x) for x in ids]
+        for i, hyp in zip(live, decode(self.model, memory, mem_lengths, self.options, self.rules)):
+            texts[i] = self._text(hyp)
+        return texts
+
+    def _text(self, hyp: Hypothesis) -> str:
+        """The transcript of one window, after Whisper's guards against silence and loops."""
+        if (hyp.no_speech_prob is not None and hyp.no_speech_prob > self.no_speech_threshold
+                and hyp.avg_logprob < self.logprob_threshold):
+            return ""  # Whisper's rule: probably no speech, and an unsure transcript
+        tokens = hyp.tokens
+        if self.whisper and compression_ratio(self.tokenizer.decode(tokens)) > self.compression_ratio_threshold:
+            tokens = trim_repetition(tokens)
+        return self.tokenizer.decode(tokens)
+
+
+SILENCE_PEAK = 1e-4  # -80 dBFS
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of text over bytes gzipped: a repetition loop compresses far better than speech."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(gzip.compress(raw)) if raw else 0.0
+
+
+def trim_repetition(tokens: list[int], min_repeats: int = 3, max_period: int = 64) -> list[int]:
+    """Cut a decoding loop: if the sequence ends in ``min_repeats`` or more back-to-back
+    copies of one n-gram, keep the text before the loop plus one copy."""
+    n = len(tokens)
+    best: tuple[int, int] | None = None  # (start of loop, period) covering the most tokens
+    for period in range(1, min(max_period, n // min_repeats) + 1):
+        start = n - period
+        while start - period >= 0 and tokens[start - period:start] == tokens[start:start + period]:
+            start -= period
+        if (n - start) // period >= min_repeats and (best is None or start < best[0]):
+            best = (start, period)
+    if best is None:
+        return tokens
+    start, period = best
+    return tokens[:start + period]

@@ -95,6 +95,9 @@ class ModelConfig:
         """The architecture of an OpenAI Whisper checkpoint, from its ``dims``."""
         if n_audio_state != n_text_state or n_audio_head != n_text_head:
             raise ValueError("Whisper dims with different encoder/decoder widths are not supported")
+        # <|endoftext|> and <|startoftranscript|>: 50256/50257 (English-only), 50257/50258 (multilingual)
+        eos = 50257 if n_vocab >= 51865 else 50256
+        special = {"eos_id": eos, "bos_id": eos + 1} if n_vocab >= 51864 else {}
         return cls(
             vocab_size=n_vocab, d_model=n_audio_state, n_heads=n_audio_head, d_ff=4 * n_audio_state,
             n_encoder_layers=n_audio_layer, n_decoder_layers=n_text_layer, dropout=0.0,
@@ -102,5 +105,5 @@ class ModelConfig:
             decoder_positions="learned", embed_scale=False, key_bias=False,
             max_source_positions=n_audio_ctx, max_target_positions=n_text_ctx,
             ctc_head=False, ctc_weight=0.0, label_smoothing=0.0,
-            specaug_freq_masks=0, specaug_time_masks=0,
+            specaug_freq_masks=0, specaug_time_masks=0, **special,
         )

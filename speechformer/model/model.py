@@ -9,6 +9,7 @@ training losses).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -161,29 +162,35 @@ class SpeechTransformer(nn.Module):
         return DecoderState(self_caches, cross_caches)
 
     # ------------------------------------------------------------------ training
-    def forward(self, wav: Tensor, wav_lengths: Tensor, tokens: Tensor, token_lengths: Tensor
-                ) -> dict[str, Tensor]:
+    def forward(self, wav: Tensor, wav_lengths: Tensor, tokens: Tensor, token_lengths: Tensor,
+                prompt: Sequence[int] | None = None) -> dict[str, Tensor]:
         """Losses for a batch. ``tokens`` [B, L] are transcripts without bos/eos, padded
         anywhere past ``token_lengths``. Returns loss, att_loss, ctc_loss, accuracy."""
         memory, mem_lengths, _ = self.encode(wav, wav_lengths)
-        return self.losses(memory, mem_lengths, tokens, token_lengths)
+        return self.losses(memory, mem_lengths, tokens, token_lengths, prompt)
 
-    def losses(self, memory: Tensor, mem_lengths: Tensor, tokens: Tensor, token_lengths: Tensor
-               ) -> dict[str, Tensor]:
-        """The losses given the encoder memory (validation reuses the memory for decoding)."""
+    def losses(self, memory: Tensor, mem_lengths: Tensor, tokens: Tensor, token_lengths: Tensor,
+               prompt: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """The losses given the encoder memory (validation reuses the memory for decoding).
+
+        The decoder reads ``prompt`` (default ``[bos]``; Whisper: its start-of-transcript
+        tokens) then the transcript, and learns to predict each transcript token and the
+        end token from the prompt's last position on (teacher forcing)."""
         c = self.config
+        prompt = list(prompt) if prompt is not None else [c.bos_id]
+        p = len(prompt)
         b, length = tokens.shape
         positions = torch.arange(length + 1, device=tokens.device)[None, :]
         real = positions < token_lengths[:, None]  # [B, L+1]
         padded = torch.cat([tokens, tokens.new_zeros(b, 1)], dim=1)
-        # decoder input: bos t1 .. tn (pad: eos); target: t1 .. tn eos (pad: ignored)
-        dec_in = torch.cat([tokens.new_full((b, 1), c.bos_id), padded[:, :-1]], dim=1)
-        dec_in = torch.where(positions <= token_lengths[:, None], dec_in, c.eos_id)
+        # decoder input: prompt t1 .. tn (pad: eos); target: t1 .. tn eos (pad: ignored)
+        body = torch.where(real[:, :-1], tokens, c.eos_id)
+        dec_in = torch.cat([torch.tensor(prompt, device=tokens.device).expand(b, p), body], dim=1)
         target = torch.where(real, padded, c.eos_id)
         target = torch.where(positions <= token_lengths[:, None], target, -100)
 
         logits, _ = self.decode(dec_in, memory, self.memory_mask(mem_lengths, memory.shape[1]))
-        logits = logits.float()
+        logits = logits[:, p - 1:].float()
         att_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
                                    label_smoothing=c.label_smoothing)
         valid = target != -100
@@ -199,6 +206,11 @@ class SpeechTransformer(nn.Module):
         else:
             out["loss"] = att_loss
         return out
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Everything before the memory: subsampling, encoder stack, final encoder norm."""
+        parts = [self.frontend, self.subsampling, self.encoder_positions, self.encoder_layers, self.encoder_norm]
+        return [p for part in parts for p in part.parameters()]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
