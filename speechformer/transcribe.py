@@ -30,7 +30,7 @@ from torch import Tensor
 from .audio import AudioError, load_audio, split_long_audio
 from .decoding import DecodeOptions, Hypothesis, decode
 from .model import ModelConfig, SpeechTransformer
-from .tokenizer import AnyTokenizer, load_tokenizer, tokenizer_from_payload
+from .tokenizer import MODEL_FILE, WHISPER_FILE, AnyTokenizer, load_tokenizer, tokenizer_from_payload
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,7 +42,7 @@ class ModelBundle:
     """A model with everything needed to use it."""
 
     model: SpeechTransformer
-    tokenizer: AnyTokenizer
+    tokenizer: AnyTokenizer | None
     max_input_seconds: float = DEFAULT_MAX_SECONDS
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -81,7 +81,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBun
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
         model = SpeechTransformer(ModelConfig.from_dict(meta["model"]))
         model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-        tokenizer = load_tokenizer(path)
+        has_tokenizer = (path / MODEL_FILE).is_file() or (path / WHISPER_FILE).is_file()
+        tokenizer = load_tokenizer(path) if has_tokenizer else None  # an import without one
         bundle = ModelBundle(model.eval(), tokenizer, float(meta.get("max_input_seconds", DEFAULT_MAX_SECONDS)),
                              meta)
     elif path.is_file():

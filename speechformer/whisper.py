@@ -63,7 +63,8 @@ def _attention(src: str, dst: str, q: str, k: str, v: str, o: str) -> dict[str, 
 def openai_names(n_enc: int, n_dec: int) -> dict[str, str]:
     """openai-whisper state-dict names -> speechformer names."""
     m = {**_linear("encoder.conv1", "subsampling.conv1"), **_linear("encoder.conv2", "subsampling.conv2"),
-         **_norm("encoder.ln_post", "encoder_norm"), "decoder.token_embedding.weight": "embedding.weight",
+         **_norm("encoder.ln_post", "encoder_norm"), "encoder.positional_embedding": "encoder_positions.table",
+         "decoder.token_embedding.weight": "embedding.weight",
          "decoder.positional_embedding": "decoder_positions.table", **_norm("decoder.ln", "decoder_norm")}
     for i in range(n_enc):
         s, d = f"encoder.blocks.{i}", f"encoder_layers.{i}"
@@ -83,7 +84,8 @@ def openai_names(n_enc: int, n_dec: int) -> dict[str, str]:
 def hf_names(n_enc: int, n_dec: int) -> dict[str, str]:
     """Hugging Face ``WhisperForConditionalGeneration`` names (without ``model.``) -> speechformer names."""
     m = {**_linear("encoder.conv1", "subsampling.conv1"), **_linear("encoder.conv2", "subsampling.conv2"),
-         **_norm("encoder.layer_norm", "encoder_norm"), "decoder.embed_tokens.weight": "embedding.weight",
+         **_norm("encoder.layer_norm", "encoder_norm"), "encoder.embed_positions.weight": "encoder_positions.table",
+         "decoder.embed_tokens.weight": "embedding.weight",
          "decoder.embed_positions.weight": "decoder_positions.table", **_norm("decoder.layer_norm", "decoder_norm")}
     for i in range(n_enc):
         s, d = f"encoder.layers.{i}", f"encoder_layers.{i}"
@@ -109,10 +111,8 @@ def _rename(state: dict[str, Tensor], names: dict[str, str], source: str) -> dic
     return {dst: state[src].float() for src, dst in names.items()}
 
 
-def _check_encoder_positions(table: Tensor | None, source: str) -> None:
-    """Whisper's encoder positions are fixed sinusoids; ours are computed, not stored."""
-    if table is None:
-        return
+def _check_encoder_positions(table: Tensor, source: str) -> None:
+    """Whisper's encoder positions are sinusoids (stored rounded to the checkpoint's precision)."""
     expected = sinusoids(table.shape[0], table.shape[1])
     err = (table.float() - expected).abs().max().item()
     if err > 1e-2:  # float16 storage rounds them by ~1e-3
@@ -133,7 +133,9 @@ def from_openai(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     dims = dict(ckpt["dims"])
     config = ModelConfig.whisper(**dims)
     state = ckpt["model_state_dict"]
-    _check_encoder_positions(state.get("encoder.positional_embedding"), str(path))
+    if "encoder.positional_embedding" not in state:  # a buffer: older exports may leave it out
+        state = {**state, "encoder.positional_embedding": sinusoids(config.max_source_positions, config.d_model)}
+    _check_encoder_positions(state["encoder.positional_embedding"], str(path))
     return config, _rename(state, openai_names(config.n_encoder_layers, config.n_decoder_layers), str(path))
 
 
@@ -159,7 +161,9 @@ def from_huggingface(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         n_audio_head=cfg["encoder_attention_heads"], n_audio_layer=cfg["encoder_layers"],
         n_vocab=cfg["vocab_size"], n_text_ctx=cfg["max_target_positions"], n_text_state=cfg["d_model"],
         n_text_head=cfg["decoder_attention_heads"], n_text_layer=cfg["decoder_layers"])
-    _check_encoder_positions(state.get("encoder.embed_positions.weight"), str(folder))
+    if "encoder.embed_positions.weight" not in state:
+        state["encoder.embed_positions.weight"] = sinusoids(config.max_source_positions, config.d_model)
+    _check_encoder_positions(state["encoder.embed_positions.weight"], str(folder))
     return config, _rename(state, hf_names(config.n_encoder_layers, config.n_decoder_layers), str(folder))
 
 
@@ -275,6 +279,7 @@ def from_ctranslate2(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         linear(f"{s}/ffn/linear_0", f"{t}.ff.fc1")
         linear(f"{s}/ffn/linear_1", f"{t}.ff.fc2")
     norm("encoder/layer_norm", "encoder_norm")
+    out["encoder_positions.table"] = v["encoder/position_encodings/encodings"].float()
     out["embedding.weight"] = weight("decoder/embeddings/weight")
     out["decoder_positions.table"] = v["decoder/position_encodings/encodings"].float()
     for i in range(n_dec):

@@ -40,6 +40,7 @@ class ModelConfig:
 
     activation: Literal["relu", "gelu"] = "relu"
     decoder_positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    encoder_positions: Literal["sinusoidal", "stored"] = "sinusoidal"  # stored: the checkpoint's rounded table
     embed_scale: bool = True  # multiply token embeddings by sqrt(d_model) before adding positions
     key_bias: bool = True  # Whisper has no bias on the key projection
     layer_norm_eps: float = 1e-5
@@ -102,7 +103,7 @@ class ModelConfig:
             vocab_size=n_vocab, d_model=n_audio_state, n_heads=n_audio_head, d_ff=4 * n_audio_state,
             n_encoder_layers=n_audio_layer, n_decoder_layers=n_text_layer, dropout=0.0,
             n_mels=n_mels, frontend="whisper", subsampling="conv1d", activation="gelu",
-            decoder_positions="learned", embed_scale=False, key_bias=False,
+            decoder_positions="learned", encoder_positions="stored", embed_scale=False, key_bias=False,
             max_source_positions=n_audio_ctx, max_target_positions=n_text_ctx,
             ctc_head=False, ctc_weight=0.0, label_smoothing=0.0,
             specaug_freq_masks=0, specaug_time_masks=0, **special,

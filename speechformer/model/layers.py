@@ -47,11 +47,15 @@ class _Positions(nn.Module):
 
 
 class SinusoidalPositions(_Positions):
-    """Fixed sinusoidal positions (a buffer, not learned)."""
+    """Fixed sinusoidal positions (a buffer, not learned).
 
-    def __init__(self, max_len: int, d_model: int) -> None:
+    ``stored=True`` keeps the table in the checkpoint: Whisper checkpoints ship their
+    sinusoids rounded to float16, and the reference engines add those rounded values.
+    """
+
+    def __init__(self, max_len: int, d_model: int, stored: bool = False) -> None:
         super().__init__()
-        self.register_buffer("table", sinusoids(max_len, d_model), persistent=False)
+        self.register_buffer("table", sinusoids(max_len, d_model), persistent=stored)
 
 
 class LearnedPositions(_Positions):

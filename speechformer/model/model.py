@@ -82,7 +82,8 @@ class SpeechTransformer(nn.Module):
             self.subsampling: nn.Module = Conv2dSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model)
         else:
             self.subsampling = Conv1dSubsampling(c.n_mels, c.d_model)
-        self.encoder_positions = SinusoidalPositions(c.max_source_positions, c.d_model)
+        self.encoder_positions = SinusoidalPositions(c.max_source_positions, c.d_model,
+                                                     stored=c.encoder_positions == "stored")
         layer_args = (c.d_model, c.n_heads, c.d_ff, c.dropout, c.attention_dropout, c.activation, c.key_bias,
                       c.layer_norm_eps)
         self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(c.n_encoder_layers))
