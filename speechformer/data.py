@@ -11,6 +11,7 @@ with an optional ``"offset"`` (seconds) for a segment of a longer file. A relati
 from __future__ import annotations
 
 import json
+import os
 import math
 import random
 from dataclasses import dataclass
@@ -87,9 +88,9 @@ def write_manifest(path: str | Path, utts: Sequence[Utterance]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for u in utts:
-            try:
-                audio = u.audio.relative_to(path.parent)
-            except ValueError:
+            try:  # relative to the manifest, so both can move together
+                audio = Path(os.path.relpath(u.audio, path.parent))
+            except ValueError:  # another drive
                 audio = u.audio
             row: dict[str, Any] = {"id": u.id, "audio": str(audio), "duration": round(u.duration, 3),
                                    "text": u.text, "speaker": u.speaker}

@@ -29,6 +29,13 @@ class DecodeOptions:
     max_len_ratio: float = 1.0  # at most this many tokens per encoder frame
     max_len: int = 0  # hard cap (0: the model's position table)
 
+    @classmethod
+    def for_model(cls, model: SpeechTransformer, beam_size: int = 1) -> "DecodeOptions":
+        """Defaults for a model: Whisper windows get at most half the decoder's positions
+        (openai-whisper's ``sample_len``), so a repetition loop cannot run to 446 tokens."""
+        whisper = model.config.frontend == "whisper"
+        return cls(beam_size=beam_size, max_len=model.config.max_target_positions // 2 if whisper else 0)
+
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"--beam-size must be at least 1, got {self.beam_size}")

@@ -125,7 +125,7 @@ class SpeechModule(L.LightningModule):
         bs = len(batch["ids"])
         self.log("val_loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val_accuracy", out["accuracy"], batch_size=bs, sync_dist=True)
-        hyps = decode(self.model, memory, mem_lengths, DecodeOptions(beam_size=self.val_beam_size),
+        hyps = decode(self.model, memory, mem_lengths, DecodeOptions.for_model(self.model, self.val_beam_size),
                       self.tokenizer.rules())
         self._val_outputs.append((batch["ids"], batch["texts"], [self.tokenizer.decode(h.tokens) for h in hyps]))
 

@@ -303,7 +303,7 @@ def format_summary(report: EvalReport, name: str = "test") -> str:
         str(report.insertions),
     ]
     # fixed minimum widths, so that rows printed for several sets line up under one header
-    minimum = [8, 5, 6, 6, 6, 5, 5, 5]
+    minimum = [12, 5, 6, 6, 6, 5, 5, 5]
     widths = [max(len(h), len(v), m) for h, v, m in zip(header, values, minimum)]
     head = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

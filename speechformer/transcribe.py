@@ -185,9 +185,7 @@ class Transcriber:
         self.rules = self.tokenizer.rules()
         self.device = torch.device(device)
         self.whisper = self.model.config.frontend == "whisper"
-        # Whisper: at most half the decoder's positions per 30 s window, as openai-whisper
-        self.options = DecodeOptions(beam_size=beam_size,
-                                     max_len=self.model.config.max_target_positions // 2 if self.whisper else 0)
+        self.options = DecodeOptions.for_model(self.model, beam_size)
         self.no_speech_threshold = no_speech_threshold
         self.logprob_threshold = logprob_threshold
         self.compression_ratio_threshold = compression_ratio_threshold

@@ -340,3 +340,47 @@ def test_cli_transcribe_and_evaluate_imported_model_with_silence_and_long_audio(
     assert rows[1]["duration"] > 40
     assert "danger trail" in long_text and "losing game" in long_text
     assert len(long_text.split()) > 80
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+@pytest.mark.slow
+def test_finetuning_an_imported_model_with_frozen_encoder(tmp_path, tiny_corpus):
+    """`speechformer fit --model.init_from DIR --model.freeze_encoder true` on a small
+    Whisper-shaped model: the decoder learns (loss falls), the encoder stays exactly as
+    imported, and the checkpoint exports to a folder that transcribes."""
+    import csv
+
+    whisper_model = pytest.importorskip("whisper.model", reason="openai-whisper (test extra) not installed")
+    dims = {**SMALL, "n_audio_ctx": 1500, "n_text_ctx": 64}
+    ref = whisper_model.Whisper(whisper_model.ModelDimensions(**dims))
+    torch.save({"dims": dims, "model_state_dict": ref.state_dict()}, tmp_path / "small.pt")
+    pretrained = import_whisper(tmp_path / "small.pt", tmp_path / "pretrained",
+                                tokenizer=tiny_en_dir() / "tokenizer.json")
+    exp = tmp_path / "exp"
+    args = ["fit", "--trainer.accelerator", "cpu", "--trainer.max_steps", "12", "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(exp),
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.check_val_every_n_epoch", "6",
+            "--trainer.default_root_dir", str(exp),
+            "--model.init_from", str(pretrained), "--model.freeze_encoder", "true", "--model.lr", "3e-3",
+            "--model.warmup_steps", "2", "--data.tokenizer", str(pretrained),
+            "--data.train_manifest", str(tiny_corpus / "train.jsonl"),
+            "--data.valid_manifest", str(tiny_corpus / "valid.jsonl"),
+            "--data.max_batch_size", "4", "--data.max_batch_seconds", "1000", "--data.num_workers", "0"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(next(exp.rglob("metrics.csv")).open()))
+    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    assert len(losses) >= 10 and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    ckpt = next(exp.rglob("*.ckpt"))
+    main(["export", "--model", str(ckpt), "--out", str(tmp_path / "finetuned")])
+    before, after = load_model(pretrained).model.state_dict(), load_model(tmp_path / "finetuned").model.state_dict()
+    encoder = [k for k in before if k.startswith(("subsampling.", "encoder_"))]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert not torch.equal(before["decoder_layers.0.self_attn.query.weight"],
+                           after["decoder_layers.0.self_attn.query.weight"])
+    bundle = load_model(tmp_path / "finetuned")
+    assert isinstance(bundle.tokenizer, WhisperTokenizer)
+    from speechformer.data import read_manifest
+
+    results = Transcriber(bundle).transcribe([read_manifest(tiny_corpus / "test.jsonl")[0].audio])
+    assert results[0].ok
