@@ -1,0 +1,125 @@
+"""Shared by the benchmark scripts: interleaved timing, medians and ratios, machine facts,
+and recording a full result in benchmarks/README.md.
+
+Machines here are shared and noisy, so every comparison runs the contenders in the same
+process, alternating within each round (A B, B A, A B, ...), and reports the median time and
+the median of the per-round ratios: a slow moment hits both sides of a round.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "benchmarks" / "README.md"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each contender, ``rounds`` times, alternating the order each round."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def ratio(times: dict[str, list[float]], slow: str, fast: str) -> float:
+    """Median over rounds of time(slow) / time(fast): how many times faster ``fast`` is."""
+    return statistics.median(a / b for a, b in zip(times[slow], times[fast]))
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+              for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return str(x)
+
+
+def machine() -> str:
+    """One line: CPU, threads, torch and the packages that matter."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    versions = []
+    for pkg in ("torch", "torchaudio", "transformers", "openai-whisper", "faster-whisper", "ctranslate2"):
+        try:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {gpu}; " + ", ".join(versions)
+
+
+def record(name: str, body: str, quick: bool) -> None:
+    """Print the result; a full (non ``--quick``) run also replaces the ``name`` block in README.md."""
+    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)
+                                         if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0])]
+                                   + sys.argv[1:])
+    stamp = time.strftime("%Y-%m-%d")
+    block = f"Last full run {stamp}: `{command}`\n\nMachine: {machine()}\n\n{body.strip()}\n"
+    print(block)
+    if quick:
+        print("(--quick: not recorded in benchmarks/README.md)")
+        return
+    start, end = f"<!-- result:{name} -->", f"<!-- /result:{name} -->"
+    text = README.read_text(encoding="utf-8")
+    new = f"{start}\n{block}{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: new, text, flags=re.S)
+    else:
+        text = text.rstrip() + f"\n\n{new}\n"
+    README.write_text(text, encoding="utf-8")
+    print(f"recorded in {README.relative_to(ROOT)}")
+
+
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident memory of this process (or of a finished child via ``resource``)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF if pid is None else resource.RUSAGE_CHILDREN)
+    return usage.ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
