@@ -89,9 +89,9 @@ def machine() -> str:
 
 def record(name: str, body: str, quick: bool) -> None:
     """Print the result; a full (non ``--quick``) run also replaces the ``name`` block in README.md."""
-    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)
-                                         if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0])]
-                                   + sys.argv[1:])
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script.name
+    command = "python " + " ".join([str(shown)] + sys.argv[1:])
     stamp = time.strftime("%Y-%m-%d")
     block = f"Last full run {stamp}: `{command}`\n\nMachine: {machine()}\n\n{body.strip()}\n"
     print(block)
