@@ -81,13 +81,20 @@ def _no_speech(logits: Tensor, rules: DecodeRules) -> Tensor | None:
     return logits[:, rules.sot_index].float().softmax(-1)[:, rules.no_speech_id]
 
 
-def max_decode_length(model: SpeechTransformer, mem_lengths: Tensor, options: DecodeOptions,
-                      prompt_len: int = 1) -> int:
-    """Steps allowed for this batch: tied to the longest input, bounded by the position table."""
+def decode_limits(model: SpeechTransformer, mem_lengths: Tensor, options: DecodeOptions,
+                  prompt_len: int = 1) -> Tensor:
+    """Tokens allowed per utterance: tied to its input length, bounded by the position table
+    (so an utterance decodes the same alone or in any batch)."""
     cap = model.config.max_target_positions - prompt_len
     if options.max_len > 0:
         cap = min(cap, options.max_len)
-    return max(1, min(cap, int(mem_lengths.max().item() * options.max_len_ratio) + 2))
+    return (mem_lengths * options.max_len_ratio).long().add(2).clamp(1, max(1, cap))
+
+
+def max_decode_length(model: SpeechTransformer, mem_lengths: Tensor, options: DecodeOptions,
+                      prompt_len: int = 1) -> int:
+    """Steps this batch may need: the largest of its utterances' limits."""
+    return int(decode_limits(model, mem_lengths, options, prompt_len).max())
 
 
 @torch.inference_mode()
@@ -98,13 +105,15 @@ def greedy_decode(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
     rules = rules or default_rules(model)
     b, device = memory.shape[0], memory.device
     prompt = torch.tensor(rules.prompt, dtype=torch.long, device=device)
-    max_len = max_decode_length(model, mem_lengths, options, len(rules.prompt))
+    limits = decode_limits(model, mem_lengths, options, len(rules.prompt))
+    max_len = int(limits.max())
     mask = model.memory_mask(mem_lengths, memory.shape[1])
     state = model.init_state(memory, len(rules.prompt) + max_len)
     suppress = _Suppressor(rules, model.config.vocab_size, device)
     tokens = prompt.expand(b, -1)
     out = torch.full((b, max_len), rules.eos_id, dtype=torch.long, device=device)
     logprob = torch.zeros(b, device=device)
+    rows = torch.arange(b, device=device)  # the original row of each row still decoded
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     no_speech = None
     for step in range(max_len):
@@ -113,12 +122,21 @@ def greedy_decode(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
             no_speech = _no_speech(logits, rules)
         logp = suppress(logits[:, -1].float(), step).log_softmax(-1)
         nxt = logp.argmax(-1)
-        logprob += torch.where(finished, 0.0, logp.gather(1, nxt[:, None])[:, 0])
+        logprob[rows] += torch.where(finished, 0.0, logp.gather(1, nxt[:, None])[:, 0])
         nxt = torch.where(finished, rules.eos_id, nxt)
-        out[:, step] = nxt
-        finished |= nxt == rules.eos_id
-        if bool(finished.all()):
+        out[rows, step] = nxt
+        finished |= (nxt == rules.eos_id) | (step + 1 >= limits[rows])
+        n_done = int(finished.sum())
+        if n_done == len(rows):
             break
+        if n_done * 4 >= len(rows):
+            # finished rows stop costing compute: drop them (and their caches) once they are
+            # a quarter of the batch, so the copy is paid rarely
+            keep = (~finished).nonzero()[:, 0]
+            state.reorder(keep)
+            memory, rows, nxt = memory[keep], rows[keep], nxt[keep]
+            mask = mask[keep] if mask is not None else None
+            finished = finished[keep]
         tokens = nxt[:, None]
     ns = no_speech.tolist() if no_speech is not None else [None] * b
     return [Hypothesis(_strip(row, rules.eos_id), lp, n) for row, lp, n in zip(out.tolist(), logprob.tolist(), ns)]
@@ -145,11 +163,11 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
     if k == 1:
         return greedy_decode(model, memory, mem_lengths, options, rules)
     b, device = memory.shape[0], memory.device
-    max_len = max_decode_length(model, mem_lengths, options, len(rules.prompt))
-    memory = memory.repeat_interleave(k, dim=0)
-    mem_lengths = mem_lengths.repeat_interleave(k, dim=0)
-    mask = model.memory_mask(mem_lengths, memory.shape[1])
-    state = model.init_state(memory, len(rules.prompt) + max_len)
+    limits = decode_limits(model, mem_lengths, options, len(rules.prompt))
+    max_len = int(limits.max())
+    # the memory's keys/values are projected and stored once per utterance, shared by its k beams
+    state = model.init_state(memory, len(rules.prompt) + max_len, repeat=k)
+    mask = model.memory_mask(mem_lengths, memory.shape[1])  # one row per utterance, as the memory
     suppress = _Suppressor(rules, model.config.vocab_size, device)
 
     scores = torch.zeros(b, k, device=device)
@@ -193,11 +211,12 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
         best_alive = scores.max(-1).values / length ** options.length_penalty
         done |= (n_finished >= k) & (best_alive < best_score)
         done |= ~torch.isfinite(scores).any(-1)
+        done |= length >= limits  # this utterance's longest transcript
         if bool(done.all()) or step == max_len - 1:
             break
         scores = scores.masked_fill(done[:, None], float("-inf"))
         index = (rows[:, None] * k + parent).flatten()
-        state.reorder(index)
+        state.reorder(index, cross=False)  # parents are beams of the same utterance
         history = torch.cat([history.index_select(0, index), token.flatten()[:, None]], dim=1)
         last = token.flatten()[:, None]
 

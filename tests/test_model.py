@@ -234,3 +234,21 @@ def test_training_loss_decreases_and_gradients_reach_every_parameter():
         loss.backward()
         opt.step()
     assert float(loss) < 0.5 * first
+
+
+def test_batched_decoding_equals_one_utterance_at_a_time(model):
+    """Rows that finish early are dropped from the batch (greedy) and beams share one
+    projection of the memory (beam search): neither may change any result."""
+    torch.manual_seed(3)
+    lengths = torch.tensor([6000, 2500, 4000, 1200, 5000, 3000])
+    memory, mem_lengths, _ = model.encode(torch.randn(6, 6000), lengths)
+    options = DecodeOptions(max_len=12)
+    for decode_fn, opts in ((greedy_decode, options), (beam_search, DecodeOptions(beam_size=3, max_len=12))):
+        together = decode_fn(model, memory, mem_lengths, opts)
+        for i in range(6):
+            n = int(mem_lengths[i])
+            alone = decode_fn(model, memory[i:i + 1, :n], mem_lengths[i:i + 1], opts)[0]
+            assert together[i].tokens == alone.tokens
+            assert abs(together[i].logprob - alone.logprob) < 1e-3
+    lengths_out = {len(h.tokens) for h in greedy_decode(model, memory, mem_lengths, options)}
+    assert len(lengths_out) > 1  # the rows really finished at different steps

@@ -66,8 +66,14 @@ class KVCache:
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
     def reorder(self, index: Tensor) -> None:
-        self.k = self.k.index_select(0, index)
-        self.v = self.v.index_select(0, index)
+        """Row i becomes row ``index[i]``; the batch may shrink (finished rows dropped)."""
+        if index.shape[0] == self.k.shape[0]:  # beam search: permute the filled part in place
+            n = self.length
+            self.k[:, :, :n] = self.k[:, :, :n].index_select(0, index)
+            self.v[:, :, :n] = self.v[:, :, :n].index_select(0, index)
+        else:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
 
 
 class MultiHeadAttention(nn.Module):
@@ -112,8 +118,9 @@ class MultiHeadAttention(nn.Module):
         mask: boolean, broadcastable to [B, H, Tq, Tk], True = may attend.
         is_causal: apply the causal mask (self-attention over a full sequence).
         cache: for incremental decoding. With ``static_kv`` the cache already holds the
-            source's keys/values (cross-attention); otherwise the new keys/values are
-            appended and the query attends to everything cached so far.
+            source's keys/values (cross-attention; it may hold one row per group of
+            consecutive query rows, the beams of one utterance); otherwise the new
+            keys/values are appended and the query attends to everything cached so far.
         """
         q = self._split(self.query(x))
         if cache is not None and static_kv:
@@ -122,6 +129,13 @@ class MultiHeadAttention(nn.Module):
             k, v = self.project_kv(x if source is None else source)
             if cache is not None:
                 k, v = cache.append(k, v)
+        group = q.shape[0] // k.shape[0]
+        if group > 1:
+            # beams share their utterance's memory: its keys/values are cached once, and the
+            # `group` beams' queries attend to them together (as extra query positions),
+            # instead of each beam reading its own copy
+            b, h, t, dh = q.shape
+            q = q.view(b // group, group, h, t, dh).transpose(1, 2).reshape(b // group, h, group * t, dh)
         tq, tk = q.shape[2], k.shape[2]
         if is_causal and tq != tk:  # new queries continue a cached past: they sit at the end
             if tq == 1:
@@ -145,5 +159,9 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=is_causal,
                 dropout_p=self.dropout if self.training else 0.0,
             )
+        if group > 1:  # back to one row per beam
+            y = y.view(y.shape[0], h, group, t, dh).transpose(1, 2).reshape(b, h, t, dh)
+            if weights is not None:
+                weights = weights.view(weights.shape[0], h, group, t, tk).transpose(1, 2).reshape(b, h, t, tk)
         b, h, t, dh = y.shape
         return self.out(y.transpose(1, 2).reshape(b, t, h * dh)), weights

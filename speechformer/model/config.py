@@ -27,8 +27,9 @@ class ModelConfig:
     d_ff: int = 1024
     n_encoder_layers: int = 6
     n_decoder_layers: int = 3
-    dropout: float = 0.1
+    dropout: float = 0.1  # on embeddings and on each block's output before the skip connection
     attention_dropout: float = 0.0
+    activation_dropout: float = 0.0  # inside the feed-forward, after the non-linearity
 
     # audio -> frames
     sample_rate: int = 16000
@@ -69,6 +70,9 @@ class ModelConfig:
         for name in ("d_model", "n_heads", "d_ff", "n_mels", "sample_rate"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.ctc_weight <= 1.0:
             raise ValueError(f"model config: ctc_weight must be in [0, 1], got {self.ctc_weight}")
         if self.ctc_weight > 0 and not self.ctc_head:

@@ -114,6 +114,51 @@ class Conv1dSubsampling(nn.Module):
         return self.act(self.conv2(x)).transpose(1, 2)
 
 
+class _ByteMaskDropout(torch.autograd.Function):
+    """Dropout whose keep-mask comes from one random byte per element."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, threshold: int) -> Tensor:  # type: ignore[override]
+        n = x.numel()
+        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+        keep = words.view(torch.uint8)[:n].view(x.shape) >= threshold
+        ctx.scale = 256.0 / (256 - threshold)
+        ctx.save_for_backward(keep)
+        return torch.where(keep, x * ctx.scale, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0.0), None
+
+
+class Dropout(nn.Module):
+    """Zero each element with probability ``p`` in training (and scale the rest by 1 / (1 - p)).
+
+    On CPU the mask is drawn as one random byte per element (``torch.randint`` over int64
+    words viewed as bytes), which costs a fraction of ``bernoulli_``: plain CPU dropout was a
+    quarter of a training step (benchmarks/README.md). ``p`` is then rounded to a multiple
+    of 1/256. Elsewhere it is ``F.dropout``.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+        self.threshold = round(p * 256)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu" or self.threshold == 0:
+            return torch.nn.functional.dropout(x, self.p, training=True)
+        return _ByteMaskDropout.apply(x, self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class FeedForward(nn.Module):
     """Position-wise two-layer MLP: widen to d_ff, non-linearity, project back."""
 
@@ -121,7 +166,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)  # on the wide activations (config: activation_dropout)
         self.fc2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,13 +177,13 @@ class EncoderLayer(nn.Module):
     """Self-attention over all frames, then feed-forward; each with skip + pre-LayerNorm."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
-                 activation: str, key_bias: bool, eps: float) -> None:
+                 activation: str, key_bias: bool, eps: float, activation_dropout: float = 0.0) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_model, eps=eps)
         self.attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias)
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
-        self.ff = FeedForward(d_model, d_ff, dropout, activation)
-        self.dropout = nn.Dropout(dropout)
+        self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, need_weights: bool = False
                 ) -> tuple[Tensor, Tensor | None]:
@@ -153,15 +198,15 @@ class DecoderLayer(nn.Module):
     memory, then feed-forward; each with skip + pre-LayerNorm."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
-                 activation: str, key_bias: bool, eps: float) -> None:
+                 activation: str, key_bias: bool, eps: float, activation_dropout: float = 0.0) -> None:
         super().__init__()
         self.self_norm = nn.LayerNorm(d_model, eps=eps)
         self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias)
         self.cross_norm = nn.LayerNorm(d_model, eps=eps)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias)
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
-        self.ff = FeedForward(d_model, d_ff, dropout, activation)
-        self.dropout = nn.Dropout(dropout)
+        self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,

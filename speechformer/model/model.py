@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from ..frontend import LogMelFrontend, SpecAugment, WhisperFrontend
 from .attention import KVCache
 from .config import ModelConfig
-from .layers import (Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, EncoderLayer, LearnedPositions,
-                     SinusoidalPositions)
+from .layers import (Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, Dropout, EncoderLayer,
+                     LearnedPositions, SinusoidalPositions)
 
 
 class TokenEmbedding(nn.Module):
@@ -55,13 +55,16 @@ class DecoderState:
     def offset(self) -> int:
         return self.self_caches[0].length
 
-    def reorder(self, index: Tensor) -> None:
-        """Follow beam search: row i of the new state is row index[i] of the old."""
+    def reorder(self, index: Tensor, cross: bool = True) -> None:
+        """Follow beam search: row i of the new state is row index[i] of the old.
+
+        ``cross=False`` leaves the cross-attention caches alone: right when rows only move
+        among the beams of one utterance, which all hold that utterance's memory."""
         for cache in self.self_caches:
             cache.reorder(index)
-        # cross-attention keys/values only change when the batch rows are regrouped
-        for cache in self.cross_caches:
-            cache.reorder(index)
+        if cross:
+            for cache in self.cross_caches:
+                cache.reorder(index)
 
 
 class SpeechTransformer(nn.Module):
@@ -85,7 +88,7 @@ class SpeechTransformer(nn.Module):
         self.encoder_positions = SinusoidalPositions(c.max_source_positions, c.d_model,
                                                      stored=c.encoder_positions == "stored")
         layer_args = (c.d_model, c.n_heads, c.d_ff, c.dropout, c.attention_dropout, c.activation, c.key_bias,
-                      c.layer_norm_eps)
+                      c.layer_norm_eps, c.activation_dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(c.n_encoder_layers))
         self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
 
@@ -96,7 +99,7 @@ class SpeechTransformer(nn.Module):
             self.decoder_positions = SinusoidalPositions(c.max_target_positions, c.d_model)
         self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(c.n_decoder_layers))
         self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         self.ctc = nn.Linear(c.d_model, c.vocab_size) if c.ctc_head else None
 
     # ------------------------------------------------------------------ encoder
@@ -147,17 +150,20 @@ class SpeechTransformer(nn.Module):
                 maps.append(weights)
         return self.embedding.logits(self.decoder_norm(x)), maps
 
-    def init_state(self, memory: Tensor, max_len: int) -> DecoderState:
+    def init_state(self, memory: Tensor, max_len: int, repeat: int = 1) -> DecoderState:
         """Empty self-attention caches for ``max_len`` tokens and cross-attention caches
-        holding the memory's keys/values, computed once per utterance."""
+        holding the memory's keys/values, computed once per utterance. ``repeat`` gives
+        each utterance that many consecutive rows (beams): their self-attention caches are
+        their own, the memory's keys/values are stored once and shared (see
+        :class:`~speechformer.model.attention.MultiHeadAttention`)."""
         c = self.config
-        b, _, _ = memory.shape
+        b = memory.shape[0] * repeat
         head_dim = c.d_model // c.n_heads
         self_caches, cross_caches = [], []
         for layer in self.decoder_layers:
             self_caches.append(KVCache(b, c.n_heads, max_len, head_dim, memory.device, memory.dtype))
             k, v = layer.cross_attn.project_kv(memory)
-            cross = KVCache(b, c.n_heads, k.shape[2], head_dim, memory.device, k.dtype)
+            cross = KVCache(memory.shape[0], c.n_heads, k.shape[2], head_dim, memory.device, k.dtype)
             cross.append(k, v)
             cross_caches.append(cross)
         return DecoderState(self_caches, cross_caches)
