@@ -36,3 +36,30 @@ def forward_flops(config: ModelConfig, batch: int, frames: int, tokens: int) -> 
 def training_flops(config: ModelConfig, batch: int, frames: int, tokens: int) -> float:
     """FLOPs of forward + backward (3x forward)."""
     return 3.0 * forward_flops(config, batch, frames, tokens)
+
+
+def measure_peak_tflops(device: str = "cpu", dtype: str = "float32", seconds: float = 0.5) -> float:
+    """Dense matmul TFLOP/s this device reaches in ``dtype``: the denominator of MFU when the
+    user gives none (a measured peak, not the datasheet's, so MFU reads as a fraction of what
+    this machine can really do)."""
+    import time
+
+    import torch
+
+    dt = getattr(torch, dtype)
+    n = 8192 if str(device).startswith("cuda") else 2048
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    a @ b  # warm-up (kernel selection, allocation)
+
+    def sync() -> None:
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    sync()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or count < 3:
+        a @ b
+        count += 1
+    sync()
+    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e12

@@ -12,12 +12,14 @@ model or a checkpoint) instead of random weights: that is fine-tuning.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning as L
 import torch
 
 from .decoding import DecodeOptions, decode
+from .flops import measure_peak_tflops, training_flops
 from .metrics import score
 from .model import ModelConfig, SpeechTransformer
 from .text import normalize_text
@@ -30,10 +32,12 @@ class SpeechModule(L.LightningModule):
     def __init__(self, model: ModelConfig | None = None, tokenizer: str = "", lr: float = 1e-3,
                  weight_decay: float = 0.01, warmup_steps: int = 500, min_lr_ratio: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.98), stats_utterances: int = 500,
-                 val_beam_size: int = 1, init_from: str = "", freeze_encoder: bool = False) -> None:
+                 val_beam_size: int = 1, init_from: str = "", freeze_encoder: bool = False,
+                 peak_tflops: float = 0.0) -> None:
         """``model`` sizes a new model; ``init_from`` (a model folder or checkpoint) starts
         from trained weights instead, and ``model`` is then ignored. ``freeze_encoder``
-        trains only the decoder (the encoder runs without gradients)."""
+        trains only the decoder (the encoder runs without gradients). ``peak_tflops`` is the
+        device's peak for the MFU in the training log (0: measured at the start of fit)."""
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         if init_from:
@@ -57,6 +61,8 @@ class SpeechModule(L.LightningModule):
             self.model = SpeechTransformer(config)
         self.config = config
         self.freeze_encoder = freeze_encoder
+        self.peak_tflops = peak_tflops
+        self._step_start = 0.0
         if freeze_encoder:
             for p in self.model.encoder_parameters():
                 p.requires_grad_(False)
@@ -72,6 +78,34 @@ class SpeechModule(L.LightningModule):
         # x86 CPUs compute on subnormal floats ~100x slower; Adam's second moments and tiny
         # gradients can produce them (a profiled CPU step on random data ran 8x slower)
         torch.set_flush_denormal(True)
+        if self.peak_tflops <= 0:
+            precision = str(self.trainer.precision) if self.trainer is not None else "32"
+            dtype = "bfloat16" if "bf16" in precision else "float16" if "16" in precision else "float32"
+            self.peak_tflops = measure_peak_tflops(self.device.type, dtype)
+            print(f"speechformer: measured matmul peak {self.peak_tflops:.2f} TFLOP/s ({dtype}, "
+                  f"{self.device.type}); MFU is logged against it (set model.peak_tflops to override)")
+
+    # ----------------------------------------------------------------- MFU
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        """Model FLOPs utilisation of the step, as nanoGPT logs it: FLOPs of forward and
+        backward counted from the config and the padded batch shape, over the step's wall
+        time, over the peak."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self._step_start
+        frontend = self.model.frontend
+        frames = (frontend.n_frames if self.config.frontend == "whisper"
+                  else batch["wav"].shape[1] // frontend.hop_length + 1)
+        tokens = batch["tokens"].shape[1] + len(self.prompt or [0])
+        flops = training_flops(self.config, batch["wav"].shape[0], frames, tokens)
+        tflops = flops / max(seconds, 1e-9) / 1e12
+        bs = len(batch["ids"])
+        self.log("tflops", tflops, batch_size=bs)
+        if self.peak_tflops > 0:
+            self.log("mfu", tflops / self.peak_tflops, prog_bar=True, batch_size=bs)
 
     def setup(self, stage: str) -> None:
         """Before the first fit: global mean/variance of the training features."""

@@ -252,3 +252,20 @@ def test_batched_decoding_equals_one_utterance_at_a_time(model):
             assert abs(together[i].logprob - alone.logprob) < 1e-3
     lengths_out = {len(h.tokens) for h in greedy_decode(model, memory, mem_lengths, options)}
     assert len(lengths_out) > 1  # the rows really finished at different steps
+
+
+def test_dropout_zeroes_the_asked_fraction_and_keeps_the_expectation():
+    from speechformer.model.layers import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.25).train()
+    x = torch.ones(200, 1000, requires_grad=True)
+    y = drop(x)
+    zeroed = float((y == 0).float().mean())
+    assert abs(zeroed - 0.25) < 0.01
+    assert abs(float(y.mean()) - 1.0) < 0.02  # kept elements are scaled by 1 / (1 - p)
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)  # the gradient flows through exactly the kept ones
+    assert torch.equal(drop.eval()(x), x)
+    with pytest.raises(ValueError):
+        Dropout(1.0)

@@ -74,6 +74,9 @@ def test_fit_from_yaml_writes_checkpoints_and_logs_then_resumes_from_last(tiny_c
     assert len(ranked) == 2  # the best two by validation WER
     metrics = list(csv.DictReader(open(next((exp / "logs").glob("version_*/metrics.csv")))))
     assert any(row.get("val_wer") for row in metrics) and any(row.get("train_loss") for row in metrics)
+    # model FLOPs utilisation is in the training log, against the peak measured at the start
+    mfu = [float(row["mfu"]) for row in metrics if row.get("mfu")]
+    assert mfu and all(0.0 < x < 1.5 for x in mfu)
 
     # "the job was killed": run the same command with one more epoch; it continues from last.ckpt
     cli("fit", "--config", str(config), "--trainer.max_epochs", "3", "--ckpt_path", "last")
