@@ -80,7 +80,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBun
             raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; export a model with `speechformer export`")
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
         model = SpeechTransformer(ModelConfig.from_dict(meta["model"]))
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), assign=True)  # no second copy
         has_tokenizer = (path / MODEL_FILE).is_file() or (path / WHISPER_FILE).is_file()
         tokenizer = load_tokenizer(path) if has_tokenizer else None  # an import without one
         bundle = ModelBundle(model.eval(), tokenizer, float(meta.get("max_input_seconds", DEFAULT_MAX_SECONDS)),
