@@ -3,8 +3,8 @@
 
 All engines transcribe the same files (the first N of ../shared/data/kathleen_arctic_a),
 greedy (beam 1), no timestamps, same number of threads, alternating within each round.
-speechformer runs its float32 path one file at a time (batch 1) and batched across files;
-faster-whisper runs float32 and int8, one file at a time as its API does.
+speechformer runs its float32 path one file at a time (batch 1) and batched across files, and
+its bf16 path batched; faster-whisper runs float32 and int8, one file at a time as its API does.
 
 Targets (issue 4): >= 1.5x openai-whisper and >= 1.0x faster-whisper float32 at batch 1;
 batched, >= 1.2x faster-whisper int8. Transcripts of the batched path must equal those of
@@ -66,6 +66,7 @@ def main() -> int:
 
     sf_single = Transcriber(load_model(model_dir), max_batch_size=1, num_threads=args.threads)
     sf_batched = Transcriber(load_model(model_dir), max_batch_size=16, num_threads=args.threads)
+    sf_bf16 = Transcriber(load_model(model_dir), max_batch_size=16, num_threads=args.threads, precision="bf16")
 
     # openai-whisper with the same weights (its own classes, loaded from our state dict)
     bundle = load_model(model_dir)
@@ -110,6 +111,7 @@ def main() -> int:
     contenders = {
         "speechformer fp32, batch 1": run_sf(sf_single, "speechformer fp32, batch 1"),
         "speechformer fp32, batched": run_sf(sf_batched, "speechformer fp32, batched"),
+        "speechformer bf16, batched": run_sf(sf_bf16, "speechformer bf16, batched"),
         "openai-whisper fp32": run_ow,
         "faster-whisper fp32": run_fw(fw32, "faster-whisper fp32"),
         "faster-whisper int8": run_fw(fw8, "faster-whisper int8"),
@@ -131,6 +133,8 @@ def main() -> int:
         ["speechformer batch 1 vs openai-whisper fp32", speedup("openai-whisper fp32", sf1), ">= 1.5"],
         ["speechformer batch 1 vs faster-whisper fp32", speedup("faster-whisper fp32", sf1), ">= 1.0"],
         ["speechformer batched vs faster-whisper int8", speedup("faster-whisper int8", sfb), ">= 1.2"],
+        ["speechformer bf16 batched vs faster-whisper int8",
+         speedup("faster-whisper int8", times["speechformer bf16, batched"]), ">= 1.2"],
     ]
     body = (f"{args.files} files ({audio_seconds:.0f} s of audio), {args.rounds} interleaved rounds, "
             f"{args.threads} threads, greedy, no timestamps.\n\n"

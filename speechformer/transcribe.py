@@ -175,12 +175,22 @@ class Transcriber:
                  batch_seconds: float = 240.0, max_batch_size: int = 32, num_threads: int = 2,
                  chunk_seconds: float | None = None, pause_seconds: float | None = 0.5,
                  no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
-                 compression_ratio_threshold: float = 2.4) -> None:
+                 compression_ratio_threshold: float = 2.4, cpu_fast_path: bool = True,
+                 precision: str = "fp32") -> None:
         torch.set_flush_denormal(True)  # subnormal floats are ~100x slower on x86 CPUs
         if bundle.tokenizer is None:
             raise ValueError("this model has no tokenizer; import it again with --tokenizer tokenizer.json")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
+        self.precision = precision
         self.bundle = bundle
         self.model = bundle.model.to(device).eval()
+        if cpu_fast_path and torch.device(device).type == "cpu" and precision == "fp32":
+            # oneDNN-prepacked linear layers: faster on CPU, equal results (speechformer/fastpath.py);
+            # the Transcriber's model is inference-only from here on
+            from .fastpath import prepack_linears
+
+            prepack_linears(self.model)
         self.tokenizer = bundle.tokenizer
         self.rules = self.tokenizer.rules()
         self.device = torch.device(device)
@@ -306,8 +316,11 @@ class Transcriber:
         batch = torch.zeros(len(live), int(lengths.max()))
         for row, i in enumerate(live):
             batch[row, :len(wavs[i])] = wavs[i]
-        memory, mem_lengths, _ = self.model.encode(batch.to(self.device), lengths.to(self.device))
-        for i, hyp in zip(live, decode(self.model, memory, mem_lengths, self.options, self.rules)):
+        # bf16: matmuls in bfloat16 (AMX/AVX512-BF16 CPUs, GPUs), features and softmax in float32
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            memory, mem_lengths, _ = self.model.encode(batch.to(self.device), lengths.to(self.device))
+            hyps = decode(self.model, memory, mem_lengths, self.options, self.rules)
+        for i, hyp in zip(live, hyps):
             texts[i] = self._text(hyp)
         return texts
 

@@ -269,3 +269,26 @@ def test_dropout_zeroes_the_asked_fraction_and_keeps_the_expectation():
     assert torch.equal(drop.eval()(x), x)
     with pytest.raises(ValueError):
         Dropout(1.0)
+
+
+def test_onednn_prepacked_linear_equals_nn_linear_and_is_used_for_cpu_inference(model):
+    from speechformer.fastpath import PackedLinear, onednn_available, prepack_linears
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200)
+    for shape in [(1, 96), (7, 96), (3, 11, 96)]:
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            assert torch.allclose(PackedLinear(lin)(x), lin(x), atol=1e-5, rtol=1e-5)
+    wav, lengths = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    with torch.inference_mode():
+        memory, ml, _ = model.eval().encode(wav, lengths)
+        before = greedy_decode(model, memory, ml, DecodeOptions(max_len=10))
+        n = prepack_linears(model)
+        packed_memory, _, _ = model.encode(wav, lengths)
+        after = greedy_decode(model, packed_memory, ml, DecodeOptions(max_len=10))
+    assert n > 0 and not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert torch.allclose(packed_memory, memory, atol=1e-4)
+    assert [h.tokens for h in after] == [h.tokens for h in before]

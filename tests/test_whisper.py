@@ -317,6 +317,15 @@ def test_tiny_en_transcripts_equal_faster_whisper(tiny_en):
 
 
 @pytest.mark.slow
+def test_bf16_transcripts_match_float32(tiny_en):
+    utts = kathleen_utterances(10)
+    paths = [KATHLEEN / u["audio"] for u in utts]
+    fp32 = [r.text for r in Transcriber.from_pretrained(tiny_en, device="cpu").transcribe(paths)]
+    bf16 = [r.text for r in Transcriber.from_pretrained(tiny_en, device="cpu", precision="bf16").transcribe(paths)]
+    assert sum(a == b for a, b in zip(fp32, bf16)) >= 9
+
+
+@pytest.mark.slow
 def test_cli_transcribe_and_evaluate_imported_model_with_silence_and_long_audio(tiny_en, tmp_path, capsys):
     utts = kathleen_utterances(12)
     manifest = tmp_path / "m.jsonl"
