@@ -10,7 +10,7 @@ audio: 250 vectors), so what is timed is the decoding itself; greedy outputs are
 token for token. Both sides produce exactly ``--tokens`` tokens per utterance (the end token
 is suppressed until then: ``min_new_tokens`` in HF).
 
-    python benchmarks/decoding.py [--quick] [--rounds 3] [--threads 2] [--tokens 64]
+    python benchmarks/decoding.py [--quick] [--rounds 3] [--threads 2] [--tokens 32]
 
 Targets: greedy >= 2x HF (tokens/s at batch 1 and 16); beam 5 costs < 1.5x greedy at batch 16.
 """
@@ -72,7 +72,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="16 tokens, 1 round (not recorded)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     args = p.parse_args()
     if args.quick:
