@@ -69,14 +69,14 @@ def build(args: argparse.Namespace):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="16 tokens, 1 round (not recorded)")
+    p.add_argument("--quick", action="store_true", help="8 tokens, 1 round (not recorded)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     args = p.parse_args()
     if args.quick:
-        args.tokens, args.rounds = 16, 1
+        args.tokens, args.rounds = 8, 1
 
     import torch
     try:
@@ -97,7 +97,6 @@ def main() -> int:
     for batch in args.batches:
         memory = torch.randn(batch, 250, 256)
         lengths = torch.full((batch,), 250)
-        enc = BaseModelOutput(last_hidden_state=memory)
         out: dict[str, list] = {}
 
         def ours_greedy() -> None:
@@ -108,15 +107,15 @@ def main() -> int:
             beam_search(ours, memory, lengths, DecodeOptions(beam_size=5, max_len=args.tokens), rules)
 
         def hf_greedy() -> None:
-            with torch.inference_mode():
-                seq = hf.generate(encoder_outputs=enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                                  num_beams=1, do_sample=False)
+            with torch.inference_mode():  # a fresh wrapper each call: generate expands it in place for beams
+                seq = hf.generate(encoder_outputs=BaseModelOutput(last_hidden_state=memory),
+                                  max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=1, do_sample=False)
             out["hf"] = [row[1:].tolist() for row in seq]
 
         def hf_beam() -> None:
             with torch.inference_mode():
-                hf.generate(encoder_outputs=enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                            num_beams=5, do_sample=False)
+                hf.generate(encoder_outputs=BaseModelOutput(last_hidden_state=memory),
+                            max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_beams=5, do_sample=False)
 
         times = interleaved({"speechformer greedy": ours_greedy, "HF greedy": hf_greedy,
                              "speechformer beam 5": ours_beam, "HF beam 5": hf_beam}, rounds=args.rounds)

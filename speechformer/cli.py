@@ -111,9 +111,10 @@ def cmd_import_whisper(args: argparse.Namespace) -> int:
     out = import_whisper(args.src, args.out, tokenizer=args.tokenizer, language=args.language, task=args.task)
     bundle = load_model(out)
     c = bundle.model.config
+    missing = ", no tokenizer: import again with --tokenizer tokenizer.json" if bundle.tokenizer is None else ""
     print(f"import-whisper: {args.src} -> {out} ({bundle.model.num_parameters() / 1e6:.1f}M parameters, "
           f"{c.n_encoder_layers}+{c.n_decoder_layers} layers, d_model {c.d_model}, {c.n_mels} mels, "
-          f"vocab {c.vocab_size}{', no tokenizer: pass --tokenizer to transcribe' if bundle.tokenizer is None else ''})")
+          f"vocab {c.vocab_size}{missing})")
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .audio import AudioError, load_audio, split_long_audio
+from .audio import AudioError, audio_info, load_audio, split_long_audio
 from .decoding import DecodeOptions, Hypothesis, decode
 from .model import ModelConfig, SpeechTransformer
 from .tokenizer import MODEL_FILE, WHISPER_FILE, AnyTokenizer, load_tokenizer, tokenizer_from_payload
@@ -176,7 +176,7 @@ class Transcriber:
                  chunk_seconds: float | None = None, pause_seconds: float | None = 0.5,
                  no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
                  compression_ratio_threshold: float = 2.4, cpu_fast_path: bool = True,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", stream_seconds: float = 300.0) -> None:
         torch.set_flush_denormal(True)  # subnormal floats are ~100x slower on x86 CPUs
         if bundle.tokenizer is None:
             raise ValueError("this model has no tokenizer; import it again with --tokenizer tokenizer.json")
@@ -209,6 +209,8 @@ class Transcriber:
         # frames round intervals outwards, and a whole training-length sentence must fit
         self.chunk_seconds = chunk_seconds or 1.25 * bundle.max_input_seconds
         self.pause_seconds = pause_seconds  # long audio: a pause this long always ends a chunk
+        # files longer than this are read block by block, so memory does not grow with length
+        self.stream_seconds = max(stream_seconds, 4 * self.chunk_seconds)
         if self.whisper:
             self.chunk_seconds = min(self.chunk_seconds, 30.0)
 
@@ -233,8 +235,11 @@ class Transcriber:
         with ThreadPoolExecutor(max_workers=self.num_threads) as pool:
             for start in range(0, len(items), window):
                 group = items[start:start + window]
-                loaded = list(pool.map(self._load, group))
-                for result in self._transcribe_loaded(group, loaded):
+                long = set(pool.map(self._is_long, group))
+                short = [item for item in group if id(item) not in long]
+                done = dict(zip(map(id, short), self._transcribe_loaded(short, list(pool.map(self._load, short)))))
+                for item in group:
+                    result = done[id(item)] if id(item) in done else self._transcribe_long(item)
                     if on_result is not None:
                         on_result(result)
                     if bar is not None:
@@ -257,6 +262,49 @@ class Transcriber:
         return texts
 
     # --------------------------------------------------------------- internals
+    def _is_long(self, item: AudioItem) -> int | None:
+        """``id(item)`` when the whole file is to be read block by block, else None."""
+        if item.offset or item.duration is not None:
+            return None
+        try:
+            seconds = audio_info(item.path)[3]
+        except Exception:  # noqa: BLE001 - _load reports unreadable files
+            return None
+        return id(item) if seconds > self.stream_seconds else None
+
+    def _transcribe_long(self, item: AudioItem) -> TranscriptResult:
+        """A long file in blocks of ``stream_seconds``: each block is cut at quiet points and its
+        chunks transcribed, except the last chunk (it may run past the block), which starts the
+        next block. Memory stays that of one block, whatever the file's length."""
+        total = audio_info(item.path)[3]
+        result = TranscriptResult(item.key, item.path, duration=total)
+        texts: list[str] = []
+        pos = 0.0
+        while pos < total - 0.01:
+            block = min(self.stream_seconds, total - pos)
+            last = pos + block >= total - 0.01
+            try:
+                wav = load_audio(item.path, self.sample_rate, offset=pos, duration=block)
+            except AudioError as err:
+                if "silence" in str(err) and not last:  # a silent stretch: nothing to say there
+                    pos += block
+                    continue
+                if "silence" in str(err):
+                    break
+                result.error = str(err)
+                return result
+            spans = split_long_audio(wav, self.sample_rate, self.chunk_seconds,
+                                     min_seconds=min(1.0, self.chunk_seconds / 4), pause_seconds=self.pause_seconds)
+            if not last and len(spans) > 1:
+                carry = spans[-1][0]  # the last chunk may be cut by the block's end: it starts the next block
+                spans = spans[:-1]
+            else:
+                carry = len(wav)
+            texts += [t for t in self.transcribe_waveforms([wav[s:e] for s, e in spans]) if t]
+            pos += max(carry, 1) / self.sample_rate
+        result.text = " ".join(texts)
+        return result
+
     def _load(self, item: AudioItem) -> Tensor | AudioError:
         try:
             return load_audio(item.path, self.sample_rate, offset=item.offset, duration=item.duration)

@@ -158,3 +158,34 @@ def test_cli_average_and_export(overfit_model, tmp_path):
     proc = run_cli("export", "--model", str(avg), "--out", str(tmp_path / "model"))
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in (tmp_path / "model").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model"}
+
+
+def test_long_file_is_read_in_blocks_and_every_part_transcribed_once(overfit_model, monkeypatch, tmp_path):
+    """A file longer than ``stream_seconds`` is never loaded whole: it is read block by block,
+    and a chunk cut by a block's end starts the next block (nothing lost, nothing twice)."""
+    from speechformer import transcribe as tr
+
+    t = Transcriber.from_pretrained(overfit_model["model"], device="cpu", stream_seconds=12.0)
+    t.chunk_seconds = 3.0
+    t.stream_seconds = 12.0
+    tone = np.sin(np.arange(16000) * 0.05).astype(np.float32) * 0.5
+    quiet = np.zeros(12000, dtype=np.float32)
+    sf.write(tmp_path / "long.wav", np.concatenate([tone, quiet] * 40), 16000)  # 40 bursts, 70 s
+    loaded, chunks = [], []
+    real_load = tr.load_audio
+
+    def spy_load(*args, **kwargs):
+        wav = real_load(*args, **kwargs)
+        loaded.append(len(wav))
+        return wav
+
+    def fake(wavs):
+        chunks.extend(len(w) for w in wavs)
+        return ["w"] * len(wavs)
+
+    monkeypatch.setattr(tr, "load_audio", spy_load)
+    monkeypatch.setattr(t, "transcribe_waveforms", fake)
+    result = t.transcribe([tmp_path / "long.wav"])[0]
+    assert result.ok and result.duration == pytest.approx(70.0, abs=0.01)
+    assert len(loaded) > 5 and max(loaded) <= 12.0 * 16000  # never the whole file at once
+    assert len(chunks) == 40 and result.text == " ".join(["w"] * 40)  # each burst exactly once
