@@ -195,8 +195,11 @@ class SpeechModule(L.LightningModule):
             if not p.requires_grad:
                 continue
             (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
-        # fused: one kernel per parameter group instead of a dozen per tensor (CPU and CUDA)
-        fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+        # fused: one kernel per parameter group instead of a dozen per tensor (CPU and CUDA);
+        # Lightning cannot clip the gradients of a fused optimiser under mixed precision, so
+        # with gradient clipping the (foreach) default is kept
+        clipping = bool(self.trainer is not None and self.trainer.gradient_clip_val)
+        fused = not clipping and all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
                                 fused=fused)

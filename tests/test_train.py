@@ -21,6 +21,7 @@ trainer:
   devices: 1
   max_epochs: 2
   precision: bf16-mixed
+  gradient_clip_val: 5.0       # as the recipes: clipping under mixed precision must work
   enable_progress_bar: false
   enable_model_summary: false
   num_sanity_val_steps: 0
