@@ -91,12 +91,6 @@ def decode_limits(model: SpeechTransformer, mem_lengths: Tensor, options: Decode
     return (mem_lengths * options.max_len_ratio).long().add(2).clamp(1, max(1, cap))
 
 
-def max_decode_length(model: SpeechTransformer, mem_lengths: Tensor, options: DecodeOptions,
-                      prompt_len: int = 1) -> int:
-    """Steps this batch may need: the largest of its utterances' limits."""
-    return int(decode_limits(model, mem_lengths, options, prompt_len).max())
-
-
 @torch.inference_mode()
 def greedy_decode(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
                   options: DecodeOptions | None = None, rules: DecodeRules | None = None) -> list[Hypothesis]:

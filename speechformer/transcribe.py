@@ -123,11 +123,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    """Give a finished temporary file the usual permissions (mkstemp makes it 0600), then rename it."""
+def _read_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    return umask
+
+
+_UMASK = _read_umask()  # read once at import: flipping it later would race with other threads
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give a finished temporary file the usual permissions (mkstemp makes it 0600), then rename it."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
 
 
