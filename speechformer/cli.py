@@ -3,7 +3,7 @@
 ``fit``, ``validate`` and ``test`` are Lightning's own (LightningCLI): every Trainer flag
 works (``--trainer.devices``, ``--trainer.precision``, ``--trainer.max_epochs``...), and
 ``--config conf/x.yaml`` sets them from a file. The rest are small argparse commands:
-``tokenizer train``, ``average``, ``export``, ``import-whisper``, ``transcribe``, ``evaluate``.
+``data validate``, ``tokenizer train``, ``average``, ``export``, ``import-whisper``, ``transcribe``, ``evaluate``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,24 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     tok = train_tokenizer(texts, args.vocab_size, args.out)
     print(f"tokenizer: {tok.vocab_size} pieces from {len(texts)} transcripts -> {Path(args.out) / 'tokenizer.model'}")
     return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    """Every problem of every manifest, one line each with its line number; exit 1 if any."""
+    from .data import format_problems, scan_manifest
+
+    total = 0
+    for manifest in args.manifests:
+        utts, problems = scan_manifest(manifest, require_text=not args.no_text, check_audio=not args.no_audio)
+        if problems:
+            print(format_problems(problems, limit=args.limit))
+            print(f"{manifest}: {len(problems)} problem(s) on {len({p.line for p in problems})} line(s); "
+                  f"{len(utts)} good utterance(s)", file=sys.stderr)
+        else:
+            hours = sum(u.duration for u in utts) / 3600
+            print(f"{manifest}: OK, {len(utts)} utterances, {hours:.2f} h", file=sys.stderr)
+        total += len(problems)
+    return 1 if total else 0
 
 
 def _checkpoint_score(path: Path) -> float | None:
@@ -220,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder for tokenizer.model")
     t.set_defaults(func=cmd_tokenizer_train)
 
+    d = sub.add_parser("data", help="check manifests")
+    d_sub = d.add_subparsers(dest="data_command", required=True)
+    v = d_sub.add_parser("validate", help="report every problem of a manifest with its line number "
+                         "(exit status 1 when there is any)")
+    v.add_argument("manifests", nargs="+", help="JSONL manifest(s)")
+    v.add_argument("--no-audio", action="store_true", help="do not open the audio files' headers")
+    v.add_argument("--no-text", action="store_true", help="transcripts are optional (audio-only manifests)")
+    v.add_argument("--limit", type=int, default=1000, help="print at most this many problems per manifest")
+    v.set_defaults(func=cmd_data_validate)
+
     a = sub.add_parser("average", help="average the best N checkpoints by validation WER")
     a.add_argument("checkpoints", nargs="*", help="checkpoint files")
     a.add_argument("--ckpt-dir", help="folder of checkpoints (last.ckpt is skipped)")
@@ -273,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    for flag in ("beam_size", "vocab_size", "num"):
+    for flag in ("beam_size", "vocab_size", "num", "limit"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}")

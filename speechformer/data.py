@@ -14,6 +14,7 @@ import json
 import os
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -38,48 +39,166 @@ class Utterance:
 
 
 class ManifestError(ValueError):
-    """A manifest problem; the message names the file and line."""
+    """A manifest problem; the message names the file and line of every problem found."""
+
+    def __init__(self, message: str, problems: Sequence["ManifestProblem"] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
 
 
-def read_manifest(path: str | Path) -> list[Utterance]:
-    """Read a JSONL manifest. Any bad line raises :class:`ManifestError` naming the file and line."""
+@dataclass(frozen=True)
+class ManifestProblem:
+    """One bad line of a manifest (``line`` is 1-based; 0 for the file as a whole)."""
+
+    path: Path
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}" if self.line else f"{self.path}: {self.message}"
+
+
+#: How far a manifest duration may differ from the audio file's own before it counts as wrong:
+#: the larger of 0.1 s and 2 % (encoders pad mp3/opus a little).
+DURATION_TOLERANCE_S, DURATION_TOLERANCE_REL = 0.1, 0.02
+
+
+def _check_line(row: Any, path: Path, require_text: bool) -> tuple[Utterance | None, list[str]]:
+    """Parse one decoded JSON line; return the utterance (or None) and what is wrong with it."""
+    if not isinstance(row, dict):
+        return None, ["expected a JSON object like {\"id\": ..., \"audio\": ..., \"duration\": ..., \"text\": ...}"]
+    problems: list[str] = []
+    required = ("id", "audio", "duration") + (("text",) if require_text else ())
+    missing = [k for k in required if k not in row]
+    if missing:
+        problems.append(f"missing field(s) {', '.join(missing)}")
+    uid = row.get("id")
+    if "id" in row and (not isinstance(uid, (str, int)) or not str(uid).strip()):
+        problems.append(f"id must be a non-empty string, got {uid!r}")
+    if "audio" in row and (not isinstance(row["audio"], str) or not row["audio"].strip()):
+        problems.append(f"audio must be a path, got {row['audio']!r}")
+    duration = offset = 0.0
+    try:
+        duration = float(row.get("duration", 1.0))
+        offset = float(row.get("offset", 0.0))
+    except (TypeError, ValueError):
+        problems.append("duration/offset must be numbers (seconds)")
+    else:
+        if "duration" in row and (not math.isfinite(duration) or duration <= 0):
+            problems.append(f"duration must be positive seconds, got {row['duration']!r}")
+        if not math.isfinite(offset) or offset < 0:
+            problems.append(f"offset must be >= 0 seconds, got {row.get('offset')!r}")
+    text = row.get("text", "")
+    if not isinstance(text, str):
+        problems.append(f"text must be a string, got {type(text).__name__}")
+    elif require_text and "text" in row and not text.strip():
+        problems.append("empty transcript (remove the line or give its text)")
+    if problems:
+        return None, problems
+    audio = Path(row["audio"])
+    if not audio.is_absolute():
+        audio = path.parent / audio
+    return Utterance(str(uid), audio, duration, text, str(row.get("speaker", "")), offset), []
+
+
+def _check_audio(u: Utterance, info_cache: dict[Path, Any]) -> str | None:
+    """Compare an utterance with its audio file's header: exists, readable, long enough."""
+    from .audio import AudioError, audio_info
+
+    if u.audio not in info_cache:
+        try:
+            info_cache[u.audio] = audio_info(u.audio)
+        except AudioError as err:
+            info_cache[u.audio] = err
+    info = info_cache[u.audio]
+    if isinstance(info, AudioError):
+        return f"audio {u.audio}: {info.reason}; {info.hint}"
+    length = info[3]
+    tolerance = max(DURATION_TOLERANCE_S, DURATION_TOLERANCE_REL * length)
+    if u.offset > 0:
+        if u.offset + u.duration > length + tolerance:
+            return (f"segment {u.offset:.3f}+{u.duration:.3f} s ends past the end of {u.audio} ({length:.3f} s); "
+                    "fix the offset/duration")
+    elif abs(u.duration - length) > tolerance:
+        return (f"duration {u.duration:.3f} s but {u.audio} is {length:.3f} s long; "
+                "re-run the data preparation or fix the duration")
+    return None
+
+
+def scan_manifest(path: str | Path, *, require_text: bool = True,
+                  check_audio: bool = False) -> tuple[list[Utterance], list[ManifestProblem]]:
+    """Read a JSONL manifest and find *every* problem in it, not just the first.
+
+    Returns the good utterances and the problems (bad lines are left out of the first).
+    Checked: each line is UTF-8 and a JSON object with ``id``, ``audio``, ``duration``
+    (and a non-empty ``text`` when ``require_text``); numbers are numbers, durations
+    positive, offsets not negative; ids are unique (the first wins). With
+    ``check_audio`` the audio files' headers are read too (no decoding): the file exists,
+    is readable, and its length agrees with ``duration`` (or holds the segment).
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found; create one with data_prep/ or `speechformer prepare`")
     utts: list[Utterance] = []
+    problems: list[ManifestProblem] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    info_cache: dict[Path, Any] = {}
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems.append(ManifestProblem(path, lineno, f"not UTF-8 text (byte {err.start}); "
+                                                              "re-encode the manifest as UTF-8"))
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ManifestError(f"{where}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ManifestError(f"{where}: expected a JSON object")
-            missing = [k for k in ("id", "audio", "duration") if k not in row]
-            if missing:
-                raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
-            uid = str(row["id"])
-            if uid in seen:
-                raise ManifestError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")
-            seen[uid] = lineno
-            try:
-                duration = float(row["duration"])
-                offset = float(row.get("offset", 0.0))
-            except (TypeError, ValueError) as err:
-                raise ManifestError(f"{where}: duration/offset must be numbers") from err
-            if not math.isfinite(duration) or duration <= 0:
-                raise ManifestError(f"{where}: duration must be positive, got {row['duration']!r}")
-            audio = Path(row["audio"])
-            if not audio.is_absolute():
-                audio = path.parent / audio
-            utts.append(Utterance(uid, audio, duration, str(row.get("text", "")), str(row.get("speaker", "")),
-                                  offset))
-    if not utts:
-        raise ManifestError(f"{path}: manifest is empty")
+                problems.append(ManifestProblem(path, lineno, f"not valid JSON ({err.msg})"))
+                continue
+            utt, bad = _check_line(row, path, require_text)
+            problems += [ManifestProblem(path, lineno, m) for m in bad]
+            if utt is None:
+                continue
+            if utt.id in seen:
+                problems.append(ManifestProblem(path, lineno, f"duplicate id {utt.id!r} (first on line {seen[utt.id]})"))
+                continue
+            seen[utt.id] = lineno
+            if check_audio and (message := _check_audio(utt, info_cache)):
+                problems.append(ManifestProblem(path, lineno, message))
+                continue
+            utts.append(utt)
+    if not utts and not problems:
+        problems.append(ManifestProblem(path, 0, "manifest is empty"))
+    return utts, problems
+
+
+def format_problems(problems: Sequence[ManifestProblem], limit: int = 50) -> str:
+    """Every problem on its own line (the first ``limit``), then a count."""
+    lines = [str(p) for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"... and {len(problems) - limit} more")
+    return "\n".join(lines)
+
+
+def read_manifest(path: str | Path, *, require_text: bool = True, check_audio: bool = False,
+                  skip_bad: bool = False) -> list[Utterance]:
+    """Read a JSONL manifest (see :func:`scan_manifest` for what is checked).
+
+    A bad line raises :class:`ManifestError` listing every problem with its file and line,
+    unless ``skip_bad``: then the bad lines are left out and a warning says how many.
+    """
+    utts, problems = scan_manifest(path, require_text=require_text, check_audio=check_audio)
+    if problems and not (skip_bad and utts):
+        raise ManifestError(f"{len(problems)} problem(s) in {path}:\n{format_problems(problems)}\n"
+                            f"(`speechformer data validate {path}` lists them all; skip_bad_lines=true "
+                            "trains on the good lines)", problems)
+    if problems:
+        bad_lines = len({p.line for p in problems})
+        warnings.warn(f"{path}: skipped {bad_lines} bad line(s), kept {len(utts)} utterance(s):\n"
+                      f"{format_problems(problems, limit=10)}", stacklevel=2)
     return utts
 
 
@@ -214,7 +333,10 @@ class SpeechDataModule(L.LightningDataModule):
     def __init__(self, train_manifest: str = "", valid_manifest: str = "", test_manifest: str = "",
                  tokenizer: str = "", sample_rate: int = 16000, max_batch_seconds: float = 120.0,
                  max_batch_size: int = 0, num_workers: int = 1, seed: int = 0,
-                 max_duration: float = 0.0) -> None:
+                 max_duration: float = 0.0, check_audio: bool = True, skip_bad_lines: bool = False) -> None:
+        """``check_audio`` reads every audio header when a manifest is loaded (missing, unreadable
+        or wrong-length files are manifest problems, found before training starts);
+        ``skip_bad_lines`` trains on the good lines of a manifest with problems instead of refusing it."""
         super().__init__()
         self.train_manifest, self.valid_manifest, self.test_manifest = train_manifest, valid_manifest, test_manifest
         self.tokenizer_path = tokenizer
@@ -224,6 +346,8 @@ class SpeechDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.max_duration = max_duration
+        self.check_audio = check_audio
+        self.skip_bad_lines = skip_bad_lines
         self.tokenizer: AnyTokenizer | None = None
         self.datasets: dict[str, SpeechDataset] = {}
 
@@ -233,11 +357,19 @@ class SpeechDataModule(L.LightningDataModule):
                 raise ValueError(f"data: no {split}_manifest given (set data.{split}_manifest)")
             if self.tokenizer is None:
                 self.tokenizer = load_tokenizer(self.tokenizer_path)
-            utts = read_manifest(manifest)
+            utts = read_manifest(manifest, check_audio=self.check_audio, skip_bad=self.skip_bad_lines)
             if self.max_duration > 0 and split == "train":
                 utts = [u for u in utts if u.duration <= self.max_duration]
             self.datasets[split] = SpeechDataset(utts, self.tokenizer, self.sample_rate)
         return self.datasets[split]
+
+    def setup(self, stage: str) -> None:
+        """Read (and check) the manifests of the stage before any training or decoding starts."""
+        splits = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",)}.get(stage, ())
+        for split in splits:
+            manifest = getattr(self, f"{split}_manifest")
+            if manifest or split == "train":
+                self._dataset(split, manifest)
 
     def _loader(self, split: str, manifest: str, shuffle: bool) -> DataLoader:
         ds = self._dataset(split, manifest)

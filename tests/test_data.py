@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -77,7 +78,8 @@ def test_manifest_reading_resolves_paths_and_reports_bad_lines(tmp_path):
     bad.write_text(json.dumps({"id": "a", "audio": "a.wav", "duration": -1}) + "\n")
     with pytest.raises(ManifestError, match=r":1: duration must be positive"):
         read_manifest(bad)
-    bad.write_text("".join(json.dumps({"id": "a", "audio": "a.wav", "duration": 1}) + "\n" for _ in range(2)))
+    bad.write_text("".join(json.dumps({"id": "a", "audio": "a.wav", "duration": 1, "text": "t"}) + "\n"
+                           for _ in range(2)))
     with pytest.raises(ManifestError, match=r":2: duplicate id"):
         read_manifest(bad)
 
@@ -152,3 +154,69 @@ def test_frontend_gives_finite_frames_for_any_length_and_scale(n, scale):
     out, frames = fe(wav, torch.tensor([n]))
     assert out.shape[1] == int(frames[0]) == n // 160 + 1
     assert torch.isfinite(out).all()
+
+
+def _bad_manifest(tmp_path):
+    """A manifest with one of each problem the validator must find, and two good lines."""
+    import soundfile as sf
+
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    for name in ("good1", "good2", "short"):
+        sf.write(wavs / f"{name}.wav", np.full(16000, 0.1, dtype=np.float32), 16000)
+    def row(**kw):
+        base = {"id": "x", "audio": "wavs/good1.wav", "duration": 1.0, "text": "hello"}
+        base.update(kw)
+        return json.dumps({k: v for k, v in base.items() if v is not None}, ensure_ascii=False).encode() + b"\n"
+    lines = [
+        row(id="good1"),                                   # 1
+        b"{not json\n",                                    # 2
+        row(id="nodur", duration=None),                    # 3 missing field
+        row(id="neg", duration=-2),                        # 4 negative duration
+        row(id="wrongdur", audio="wavs/short.wav", duration=7.5),  # 5 wrong duration
+        row(id="gone", audio="wavs/missing.wav"),          # 6 audio does not exist
+        row(id="empty", text=""),                          # 7 empty transcript
+        b'{"id": "latin", "audio": "wavs/good2.wav", "duration": 1.0, "text": "caf\xe9"}\n',  # 8 not UTF-8
+        row(id="good1", audio="wavs/good2.wav"),           # 9 duplicate id
+        row(id="good2", audio="wavs/good2.wav", text="na\u00efve \u00fcber"),  # 10 good, non-ASCII
+    ]
+    m = tmp_path / "bad.jsonl"
+    m.write_bytes(b"".join(lines))
+    return m
+
+
+def test_validate_reports_every_problem_with_its_line(tmp_path):
+    from speechformer.data import scan_manifest
+
+    m = _bad_manifest(tmp_path)
+    utts, problems = scan_manifest(m, check_audio=True)
+    assert [u.id for u in utts] == ["good1", "good2"]
+    by_line = {p.line: p.message for p in problems}
+    assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert "not valid JSON" in by_line[2]
+    assert "missing field(s) duration" in by_line[3]
+    assert "duration must be positive" in by_line[4]
+    assert "7.500 s but" in by_line[5] and "short.wav is 1.000 s long" in by_line[5]
+    assert "file not found" in by_line[6] and "missing.wav" in by_line[6]
+    assert "empty transcript" in by_line[7]
+    assert "not UTF-8" in by_line[8]
+    assert "duplicate id 'good1' (first on line 1)" in by_line[9]
+    with pytest.raises(ManifestError) as err:
+        read_manifest(m, check_audio=True)
+    assert len(err.value.problems) == 8 and "bad.jsonl:9: duplicate id" in str(err.value)
+    with pytest.warns(UserWarning, match="skipped 8 bad line"):
+        assert [u.id for u in read_manifest(m, check_audio=True, skip_bad=True)] == ["good1", "good2"]
+
+
+def test_cli_data_validate_exit_status_and_report(tmp_path, capsys):
+    from speechformer.cli import main
+
+    m = _bad_manifest(tmp_path)
+    assert main(["data", "validate", str(m)]) == 1
+    out = capsys.readouterr()
+    assert all(f"bad.jsonl:{n}:" in out.out for n in (2, 3, 4, 5, 6, 7, 8, 9))
+    assert "8 problem(s) on 8 line(s); 2 good" in out.err
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"".join(l for i, l in enumerate(m.read_bytes().splitlines(keepends=True)) if i in (0, 9)))
+    assert main(["data", "validate", str(good)]) == 0
+    assert "OK, 2 utterances" in capsys.readouterr().err
