@@ -28,9 +28,12 @@ def lightning_main(argv: Sequence[str]) -> None:
         def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
             parser.link_arguments("data.tokenizer", "model.tokenizer")
 
+    from .checkpoint import AtomicCheckpointIO
+
     SpeechCLI(
         SpeechModule, SpeechDataModule, args=list(argv),
-        trainer_defaults={"use_distributed_sampler": False},
+        # checkpoints written atomically (a kill never leaves a corrupt last.ckpt), read weights_only
+        trainer_defaults={"use_distributed_sampler": False, "plugins": [AtomicCheckpointIO()]},
         save_config_kwargs={"overwrite": True},
     )
 

@@ -284,9 +284,16 @@ class DurationBatchSampler(Sampler[list[int]]):
         self.bucket_size = bucket_size
         self.max_batch_size = max_batch_size
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass over ``epoch`` start after its first ``batches_done`` batches
+        (the ones trained before an interruption): the epoch goes on in the same order,
+        nothing repeated, nothing skipped. Other epochs are untouched."""
+        self._resume = (epoch, batches_done)
 
     def _all_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 100_003 + self.epoch)
@@ -321,10 +328,49 @@ class DurationBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.rank::self.num_replicas]
+        skip = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = self._resume[1]
+        self._resume = None
+        yield from self._all_batches()[self.rank::self.num_replicas][skip:]
 
     def __len__(self) -> int:
         return len(self._all_batches()) // self.num_replicas
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose place in the epoch is saved in every checkpoint.
+
+    Lightning stores ``state_dict()`` of a training loader that has one, and hands it back
+    through ``load_state_dict`` when it resumes in the middle of an epoch. The state is the
+    epoch and the number of batches already trained in it, read from the trainer's own
+    progress counters (not from the loader, whose workers and Lightning's prefetching run
+    ahead of training); the sampler then rebuilds that epoch's batch order and starts after
+    them. The sampler's epoch is also set from the trainer each time an iterator is made,
+    because Lightning creates the first iterator (and loader workers start prefetching from
+    it) before it calls ``set_epoch``.
+    """
+
+    def __init__(self, *args: Any, trainer: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._trainer = trainer
+
+    def _position(self) -> tuple[int, int]:
+        loop = self._trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        if self._trainer is not None and isinstance(self.batch_sampler, DurationBatchSampler):
+            self.batch_sampler.set_epoch(self._position()[0])
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self._position() if self._trainer is not None else (0, 0)
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.batch_sampler, DurationBatchSampler):
+            self.batch_sampler.resume(int(state["epoch"]), int(state["batches_done"]))
 
 
 class SpeechDataModule(L.LightningDataModule):
@@ -371,15 +417,27 @@ class SpeechDataModule(L.LightningDataModule):
             if manifest or split == "train":
                 self._dataset(split, manifest)
 
-    def _loader(self, split: str, manifest: str, shuffle: bool) -> DataLoader:
+    def _sampler(self, split: str, manifest: str, shuffle: bool) -> DurationBatchSampler:
         ds = self._dataset(split, manifest)
         trainer = self.trainer
         replicas = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
-        sampler = DurationBatchSampler(ds.durations, self.max_batch_seconds, shuffle=shuffle, seed=self.seed,
-                                       num_replicas=replicas, rank=rank, max_batch_size=self.max_batch_size)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers else None)
+        return DurationBatchSampler(ds.durations, self.max_batch_seconds, shuffle=shuffle, seed=self.seed,
+                                    num_replicas=replicas, rank=rank, max_batch_size=self.max_batch_size)
+
+    def train_batches_per_epoch(self) -> int:
+        """Batches each process trains on per epoch (without building a loader)."""
+        return len(self._sampler("train", self.train_manifest, shuffle=True))
+
+    def _loader(self, split: str, manifest: str, shuffle: bool) -> DataLoader:
+        ds = self._dataset(split, manifest)
+        trainer = self.trainer
+        sampler = self._sampler(split, manifest, shuffle)
+        loader = ResumableLoader if split == "train" else DataLoader
+        extra = {"trainer": trainer} if split == "train" else {}
+        return loader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers else None,
+                      **extra)
 
     def train_dataset(self) -> SpeechDataset:
         return self._dataset("train", self.train_manifest)

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .decoding import DecodeOptions, decode
 from .flops import measure_peak_tflops, training_flops
@@ -33,11 +34,13 @@ class SpeechModule(L.LightningModule):
                  weight_decay: float = 0.01, warmup_steps: int = 500, min_lr_ratio: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.98), stats_utterances: int = 500,
                  val_beam_size: int = 1, init_from: str = "", freeze_encoder: bool = False,
-                 peak_tflops: float = 0.0) -> None:
+                 peak_tflops: float = 0.0, max_bad_steps: int = 20) -> None:
         """``model`` sizes a new model; ``init_from`` (a model folder or checkpoint) starts
         from trained weights instead, and ``model`` is then ignored. ``freeze_encoder``
         trains only the decoder (the encoder runs without gradients). ``peak_tflops`` is the
-        device's peak for the MFU in the training log (0: measured at the start of fit)."""
+        device's peak for the MFU in the training log (0: measured at the start of fit).
+        A batch whose loss is NaN or infinite is skipped (weights and optimiser state untouched)
+        and counted; ``max_bad_steps`` such batches in a row stop training with a checkpoint."""
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         if init_from:
@@ -70,6 +73,12 @@ class SpeechModule(L.LightningModule):
         self.min_lr_ratio, self.betas = min_lr_ratio, tuple(betas)
         self.stats_utterances = stats_utterances
         self.val_beam_size = val_beam_size
+        if max_bad_steps < 1:
+            raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
+        self.max_bad_steps = max_bad_steps
+        self.skipped_batches = 0
+        self._bad_in_a_row = 0
+        self._drop_gradients = False
         self.max_input_seconds = 30.0 if config.frontend == "whisper" else 0.0  # longer audio is chunked
         self._val_outputs: list[tuple[list[str], list[str], list[str]]] = []
 
@@ -147,10 +156,59 @@ class SpeechModule(L.LightningModule):
             memory, mem_lengths, _ = self.model.encode(batch["wav"], batch["wav_lengths"])
         out = self.model.losses(memory, mem_lengths, batch["tokens"], batch["token_lengths"], self.prompt)
         bs = len(batch["ids"])
+        bad = not bool(torch.isfinite(out["loss"].detach()))
+        if self.trainer is not None and self.trainer.world_size > 1:  # every rank skips together
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            return self._skip_batch(batch, out["loss"])
+        self._bad_in_a_row = 0
         self.log("train_loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log_dict({f"train_{k}": v for k, v in out.items() if k != "loss"}, batch_size=bs)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
         return out["loss"]
+
+    def _skip_batch(self, batch: dict[str, Any], loss: torch.Tensor) -> torch.Tensor | None:
+        """A NaN/inf loss: count it, say which utterances, leave the weights alone.
+
+        One process returns ``None`` (Lightning then runs no backward and no update). Under
+        DDP every rank must still run backward (its gradient all-reduce is collective), so
+        the loss is returned and its gradients are dropped before the optimiser step.
+        """
+        self.skipped_batches += 1
+        self._bad_in_a_row += 1
+        self.log("skipped_batches", float(self.skipped_batches), batch_size=len(batch["ids"]))
+        ids = batch["ids"]
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        rank_zero_warn(f"speechformer: step {self.global_step}: loss is {float(loss.detach())} on the batch of "
+                       f"{shown}; batch skipped, weights unchanged ({self.skipped_batches} skipped so far)")
+        if self._bad_in_a_row >= self.max_bad_steps:
+            saved = self._save_rescue_checkpoint()
+            raise FloatingPointError(
+                f"{self._bad_in_a_row} batches in a row had a NaN/inf loss (last: {shown}); training stopped. "
+                f"The weights from before the problem are in {saved}. Lower model.lr, raise warmup_steps or set "
+                "trainer.gradient_clip_val, check those utterances with `speechformer data validate`, then resume "
+                f"with --ckpt_path {saved}")
+        if self.trainer is not None and self.trainer.world_size > 1:
+            self._drop_gradients = True
+            return loss
+        return None
+
+    def _save_rescue_checkpoint(self) -> str:
+        """The current state: every bad step was skipped, so it is the state before the problem."""
+        from pathlib import Path
+
+        trainer = self.trainer
+        callback = trainer.checkpoint_callback
+        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
+        path = folder / "before-nonfinite.ckpt"
+        trainer.save_checkpoint(path)
+        return str(path)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_gradients:  # a skipped batch under DDP: parameters without gradients are not updated
+            self._drop_gradients = False
+            for p in self.model.parameters():
+                p.grad = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # one encoder pass serves both the losses and the decoding
@@ -203,7 +261,7 @@ class SpeechModule(L.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
                                 fused=fused)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 10_000
+        total = self._total_steps()
         warmup = min(self.warmup_steps, max(1, total // 2))
         floor = self.min_lr_ratio
 
@@ -217,6 +275,32 @@ class SpeechModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def _total_steps(self) -> int:
+        """Optimiser steps of the whole run, for the learning-rate schedule.
+
+        Counted from our own sampler rather than ``trainer.estimated_stepping_batches``: that
+        builds the training loader while the optimiser is configured, before a resumed run's
+        loop state is restored, and Lightning then never hands the loader its saved place in
+        the epoch (a mid-epoch resume would start the epoch over).
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return 10_000
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "train_batches_per_epoch"):
+            return max(1, int(trainer.estimated_stepping_batches))
+        per_epoch = dm.train_batches_per_epoch()
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            per_epoch = min(per_epoch, limit)
+        elif limit is not None:
+            per_epoch = int(per_epoch * float(limit))
+        per_epoch = math.ceil(per_epoch / max(1, trainer.accumulate_grad_batches))
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+        return max(1, per_epoch * epochs)
+
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         metrics = self.trainer.callback_metrics if self.trainer is not None else {}
@@ -226,8 +310,10 @@ class SpeechModule(L.LightningModule):
             "val_wer": float(metrics["val_wer"]) if "val_wer" in metrics else None,
             "val_loss": float(metrics["val_loss"]) if "val_loss" in metrics else None,
             "max_input_seconds": self.max_input_seconds,
+            "skipped_batches": self.skipped_batches,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("speechformer", {})
         self.max_input_seconds = max(self.max_input_seconds, float(meta.get("max_input_seconds") or 0.0))
+        self.skipped_batches = int(meta.get("skipped_batches") or 0)

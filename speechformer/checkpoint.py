@@ -1,0 +1,121 @@
+"""Checkpoint files that survive kills, full disks and strangers.
+
+Lightning's own writer stages a checkpoint in the system temp folder and moves it into
+place; when that folder is on another filesystem (``/tmp`` on tmpfs, checkpoints on a
+network disk) the move is a copy, and a job killed during the copy leaves a truncated
+``last.ckpt``. :class:`AtomicCheckpointIO` writes the temporary file *next to* the target,
+flushes it to disk (``fsync``), then renames it over the old file: a reader sees the old
+checkpoint or the new one, never half of one, whatever moment the process dies.
+A full disk raises :class:`CheckpointWriteError` naming the file, and the previous
+checkpoint is left as it was.
+
+Reading uses ``torch.load(..., weights_only=True)``: a checkpoint is data, and a file
+that would need to run code to load (a pickle with a payload) is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names it and says what was kept."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file in the target's folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = f"the previous {path.name} is intact" if path.exists() else "no earlier file was there"
+            raise CheckpointWriteError(
+                err.errno, f"{path}: no space left on the device while writing the checkpoint ({kept}); "
+                "free some space (or point the checkpoint dirpath elsewhere) and re-run with --ckpt_path last"
+            ) from err
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O: atomic, durable writes and ``weights_only`` reads.
+
+    ``speechformer fit`` uses it by default (``trainer.plugins``); with the Python API pass
+    ``L.Trainer(plugins=[AtomicCheckpointIO()])``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {path} not found")
+        return torch.load(path, map_location=map_location or (lambda storage, loc: storage), weights_only=True)
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """Keeps ``last.ckpt`` fresh: every ``every_n_train_steps`` steps and at each epoch's end.
+
+    A killed run then loses at most that many steps, and ``--ckpt_path last`` picks it up
+    (with the data loader's place in the epoch: see :class:`speechformer.data.ResumableLoader`).
+    The step checkpoint is not written on an epoch's last batch: Lightning 2.x resumes such a
+    checkpoint one epoch too far (it counts the finished epoch twice; measured in
+    tests/test_reliability.py), so that state is saved once the epoch has ended instead.
+    Use it beside a ``ModelCheckpoint`` that keeps the best models by validation WER.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 200, filename: str = "last") -> None:
+        if every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be at least 1, got {every_n_train_steps}")
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
+                         save_on_train_epoch_end=True)
+        self.CHECKPOINT_NAME_LAST = filename
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        return  # the epoch-end save above holds the validation scores too

@@ -1,0 +1,144 @@
+"""Never lose a user's work: kills mid-epoch and mid-checkpoint, NaN batches, full disks, bad manifests.
+
+The kill tests run `speechformer fit` in a subprocess and kill it with a real SIGKILL, then run the
+same command again and compare every trained batch (step, epoch, learning rate, utterance ids) and
+the final weights with a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from speechformer.transcribe import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = """\
+seed_everything: 5
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 3
+  enable_progress_bar: false
+  enable_model_summary: false
+  num_sanity_val_steps: 0
+  limit_val_batches: 0
+  logger: false
+  default_root_dir: {exp}
+  callbacks:
+    - class_path: speechformer.checkpoint.ResumeCheckpoint
+      init_args: {{dirpath: {exp}/checkpoints, every_n_train_steps: 1}}
+    - class_path: helpers.killer.BatchLog
+model:
+  model: {{d_model: 32, n_heads: 2, d_ff: 64, n_encoder_layers: 1, n_decoder_layers: 1, subsampling_channels: 8,
+          dropout: 0.0, specaug_time_masks: 0, specaug_freq_masks: 0}}
+  warmup_steps: 4
+data:
+  train_manifest: {corpus}/train.jsonl
+  valid_manifest: {corpus}/valid.jsonl
+  tokenizer: {tokenizer}
+  max_batch_seconds: 6
+  num_workers: {workers}
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
+    from speechformer.data import read_manifest
+    from speechformer.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer([u.text for u in read_manifest(tiny_corpus / "train.jsonl")], 40, out)
+    return out
+
+
+def fit(exp: Path, corpus: Path, tokenizer: Path, workers: int = 0, **env: str) -> subprocess.CompletedProcess:
+    """`speechformer fit --config exp/fit.yaml --ckpt_path last`: the command a user re-runs."""
+    config = exp / "fit.yaml"
+    if not config.exists():
+        exp.mkdir(parents=True, exist_ok=True)
+        config.write_text(CONFIG.format(exp=exp, corpus=corpus, tokenizer=tokenizer, workers=workers))
+    environ = dict(os.environ, PYTHONWARNINGS="ignore", SPEECHFORMER_BATCH_LOG=str(exp / "batches.tsv"),
+                   PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]), **env)
+    return subprocess.run([sys.executable, "-m", "speechformer.cli", "fit", "--config", str(config),
+                           "--ckpt_path", "last"], capture_output=True, text=True, env=environ, timeout=600)
+
+
+def batches(exp: Path) -> list[tuple[int, int, str, str]]:
+    rows = []
+    for line in (exp / "batches.tsv").read_text().splitlines():
+        step, epoch, lr, ids = line.split("\t")
+        rows.append((int(step), int(epoch), lr, ids))
+    return rows
+
+
+def weights(exp: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(exp / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_corpus, shared_tokenizer, tmp_path_factory) -> Path:
+    exp = tmp_path_factory.mktemp("reference")
+    proc = fit(exp, tiny_corpus, shared_tokenizer)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return exp
+
+
+def check_resumed_like_reference(exp: Path, reference: Path, killed_rows: list) -> None:
+    ref = batches(reference)
+    rows = batches(exp)
+    resumed = rows[len(killed_rows):]
+    assert resumed, "the second run trained nothing"
+    first = resumed[0][0]
+    # the steps before the resume point (from the interrupted run) followed by the resumed run
+    merged = [r for r in killed_rows if r[0] < first] + resumed
+    assert [r[0] for r in merged] == list(range(1, len(ref) + 1)), "a step was repeated or skipped"
+    assert merged == ref, "data order, epoch or learning rate differ from the uninterrupted run"
+    ref_w, w = weights(reference), weights(exp)
+    assert ref_w.keys() == w.keys()
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigkill_mid_epoch_resumes_at_the_same_step_lr_and_data_order(tiny_corpus, shared_tokenizer, reference,
+                                                                      tmp_path, workers):
+    ref = batches(reference)
+    per_epoch = sum(1 for r in ref if r[1] == 0)
+    assert per_epoch >= 3, "the test needs several batches per epoch"
+    kill_at = per_epoch + per_epoch // 2  # the middle of the second epoch
+    exp = tmp_path / "run"
+    proc = fit(exp, tiny_corpus, shared_tokenizer, workers=workers, SPEECHFORMER_KILL_AT_STEP=str(kill_at))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    killed = batches(exp)
+    assert killed[-1][0] == kill_at
+    last = load_checkpoint(exp / "checkpoints" / "last.ckpt")
+    assert last["global_step"] in (kill_at - 1, kill_at)
+    proc = fit(exp, tiny_corpus, shared_tokenizer, workers=workers)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_resumed_like_reference(exp, reference, killed)
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_corpus, shared_tokenizer, reference, tmp_path):
+    exp = tmp_path / "run"
+    proc = fit(exp, tiny_corpus, shared_tokenizer, SPEECHFORMER_KILL_IN_SAVE="5")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    killed = batches(exp)
+    ckpts = exp / "checkpoints"
+    assert any(p.name.endswith(".tmp") for p in ckpts.iterdir()), "the kill did not happen during a write"
+    last = load_checkpoint(ckpts / "last.ckpt")  # loads: not truncated
+    assert last["global_step"] == 4
+    proc = fit(exp, tiny_corpus, shared_tokenizer)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_resumed_like_reference(exp, reference, killed)
