@@ -201,7 +201,7 @@ class SpeechModule(L.LightningModule):
         callback = trainer.checkpoint_callback
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
         path = folder / "before-nonfinite.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         return str(path)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

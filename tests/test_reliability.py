@@ -142,3 +142,146 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_corpus, 
     proc = fit(exp, tiny_corpus, shared_tokenizer)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_resumed_like_reference(exp, reference, killed)
+
+
+# --------------------------------------------------------------------------- NaN / inf batches
+def _tiny_trainer(tiny_corpus, tokenizer, exp, max_steps, max_bad_steps=20):
+    import lightning as L
+
+    from speechformer.checkpoint import AtomicCheckpointIO
+    from speechformer.data import SpeechDataModule
+    from speechformer.lightning import SpeechModule
+    from speechformer.model import ModelConfig
+
+    L.seed_everything(0, verbose=False)
+    config = ModelConfig(d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
+                         subsampling_channels=8, dropout=0.0, specaug_time_masks=0, specaug_freq_masks=0)
+    module = SpeechModule(model=config, tokenizer=str(tokenizer), warmup_steps=2, max_bad_steps=max_bad_steps,
+                          peak_tflops=1.0)
+    data = SpeechDataModule(train_manifest=str(tiny_corpus / "train.jsonl"), tokenizer=str(tokenizer),
+                            max_batch_seconds=6, num_workers=0)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(exp),
+                        plugins=[AtomicCheckpointIO()], enable_checkpointing=False)
+    return module, data, trainer
+
+
+def _poison(module, bad_calls):
+    """Make the loss NaN on the given (0-based) training calls."""
+    real = module.model.losses
+    calls = {"n": 0}
+
+    def losses(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(*args, **kwargs)
+        if module.training and calls["n"] in bad_calls:
+            out["loss"] = out["loss"] * float("nan")
+        calls["n"] += module.training
+        return out
+
+    module.model.losses = losses
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def test_a_nan_batch_is_skipped_counted_and_leaves_the_weights_alone(tiny_corpus, shared_tokenizer, tmp_path):
+    import lightning as L
+
+    module, data, trainer = _tiny_trainer(tiny_corpus, shared_tokenizer, tmp_path, max_steps=4)
+    _poison(module, bad_calls={1})
+    seen = {}
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            seen[batch_idx] = [_snapshot(pl_module)]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            seen[batch_idx].append(_snapshot(pl_module))
+
+    trainer.callbacks.append(Watch())
+    with pytest.warns(UserWarning, match=r"loss is nan on the batch of .*train_\d+.*batch skipped"):
+        trainer.fit(module, datamodule=data)
+    assert module.skipped_batches == 1
+    assert float(trainer.callback_metrics["skipped_batches"]) == 1.0
+    before, after = seen[1]
+    assert all(torch.equal(before[k], after[k]) for k in before), "the NaN batch changed the weights"
+    before, after = seen[2]
+    assert any(not torch.equal(before[k], after[k]) for k in before), "a good batch did not train"
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+def test_many_nan_batches_in_a_row_stop_with_a_checkpoint_from_before(tiny_corpus, shared_tokenizer, tmp_path):
+    import lightning as L
+
+    module, data, trainer = _tiny_trainer(tiny_corpus, shared_tokenizer, tmp_path, max_steps=20, max_bad_steps=3)
+    _poison(module, bad_calls=set(range(2, 100)))
+    good = {}
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if batch_idx == 1:
+                good.update(_snapshot(pl_module))
+
+    trainer.callbacks.append(Watch())
+    with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match=r"3 batches in a row had a NaN/inf "
+                                                                          r"loss .* training stopped"):
+        trainer.fit(module, datamodule=data)
+    saved = tmp_path / "before-nonfinite.ckpt"
+    state = load_checkpoint(saved)["state_dict"]
+    for k, v in good.items():
+        assert torch.equal(state["model." + k], v), k
+    assert load_checkpoint(saved)["global_step"] == 4  # Lightning counts the 2 skipped steps too
+
+
+# --------------------------------------------------------------------------- full disks, untrusted files
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from speechformer import checkpoint
+
+    path = tmp_path / "last.ckpt"
+    checkpoint.atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def full(obj, f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"last.ckpt: no space left .* previous last.ckpt is "
+                                                            r"intact.*--ckpt_path last"):
+        checkpoint.atomic_torch_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "a temporary file was left behind"
+
+
+def test_a_checkpoint_with_a_pickle_payload_is_refused_by_resume(tmp_path):
+    import pickle
+
+    from speechformer.checkpoint import AtomicCheckpointIO
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "x": Payload()}, bad)
+    with pytest.raises(pickle.UnpicklingError):
+        AtomicCheckpointIO().load_checkpoint(bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_bad_manifest_stops_training_before_it_starts_unless_told_to_skip(tiny_corpus, shared_tokenizer, tmp_path):
+    from speechformer.data import ManifestError, SpeechDataModule
+
+    lines = (tiny_corpus / "train.jsonl").read_text().splitlines()
+    bad = tmp_path / "train.jsonl"
+    bad.write_text("\n".join(lines[:3] + ["{oops"] + lines[3:]) + "\n")
+    # audio paths are relative to the manifest: point them back at the corpus
+    bad.write_text(bad.read_text().replace('"audio": "', f'"audio": "{tiny_corpus}/'))
+    data = SpeechDataModule(train_manifest=str(bad), tokenizer=str(shared_tokenizer))
+    with pytest.raises(ManifestError, match=r"train.jsonl:4: not valid JSON"):
+        data.setup("fit")
+    data = SpeechDataModule(train_manifest=str(bad), tokenizer=str(shared_tokenizer), skip_bad_lines=True)
+    with pytest.warns(UserWarning, match=r"skipped 1 bad line\(s\), kept 8"):
+        data.setup("fit")
+    assert len(data.train_dataset()) == 8
