@@ -163,44 +163,79 @@ def _format_results(results: list, fmt: str) -> str:
     if fmt == "json":
         rows = [{"path": str(r.path), "text": r.text, "duration": round(r.duration, 3)}
                 if r.ok else {"path": str(r.path), "error": r.error} for r in results]
+        # a manifest's utterances keep their ids
+        rows = [({"id": r.key} if r.key != str(r.path) else {}) | row for row, r in zip(rows, results)]
         return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
     if fmt == "tsv":
-        lines = ["path\ttext"] + [f"{r.path}\t{r.text}" for r in results if r.ok]
+        lines = ["path\ttext"] + [f"{r.key}\t{r.text}" for r in results if r.ok]
         return "\n".join(lines) + "\n"
     return "".join(f"{r.text}\n" for r in results if r.ok)
 
 
+def _transcribe_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """What to transcribe: files/folders/globs, or the utterances (segments) of a manifest."""
+    from .data import read_manifest
+    from .transcribe import AudioItem
+
+    if args.manifest:
+        if args.inputs:
+            raise ValueError("give audio inputs or --manifest, not both")
+        utts = read_manifest(args.manifest, require_text=False)
+        return [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utts], False
+    if not args.inputs:
+        raise ValueError("nothing to transcribe: give audio files, folders or globs (or --manifest)")
+    return [AudioItem(str(p), p) for p in _expand_inputs(args.inputs)], True
+
+
 def cmd_transcribe(args: argparse.Namespace) -> int:
+    """Transcribe; with --output/--output-dir every finished file is journalled at once, so a
+    killed run re-run with --resume only decodes what is missing."""
+    from .outputs import TranscriptJournal, output_names
     from .transcribe import atomic_write_text
 
-    try:
-        paths = _expand_inputs(args.inputs)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    transcriber = _load_transcriber(args, chunk_seconds=args.chunk_seconds)
+    items, from_files = _transcribe_items(args)
+    to_file = bool(args.output and args.output != "-")
+    if args.resume and not (to_file or args.output_dir):
+        raise ValueError("--resume needs --output FILE or --output-dir DIR (where the finished work is kept)")
+    names = output_names([it.key for it in items], stems=from_files) if args.output_dir else {}
+    journal = None
+    if to_file or args.output_dir:
+        where = Path(args.output_dir) / ".speechformer-progress.jsonl" if args.output_dir else \
+            Path(args.output).with_name(Path(args.output).name + ".progress.jsonl")
+        journal = TranscriptJournal(where, resume=args.resume)
+        if args.resume:
+            print(f"transcribe: resuming, {sum(it.key in journal.done for it in items)} of {len(items)} "
+                  "already done", file=sys.stderr)
+    done = journal.done if journal is not None else {}
+    todo = [it for it in items if it.key not in done]
+    transcriber = _load_transcriber(args, chunk_seconds=args.chunk_seconds) if todo else None
     failed = 0
 
-    def report(result) -> None:  # type: ignore[no-untyped-def]
+    def finished(result) -> None:  # type: ignore[no-untyped-def]
         nonlocal failed
         if not result.ok:
             failed += 1
             print(f"error: {result.error}", file=sys.stderr)
+            return
+        if args.output_dir:
+            atomic_write_text(Path(args.output_dir) / (names[result.key] + ".txt"), result.text + "\n")
+        if journal is not None:
+            journal.record(result)
 
-    results = transcriber.transcribe(paths, progress=not args.quiet and sys.stderr.isatty(), on_result=report)
+    fresh = {r.key: r for r in (transcriber.transcribe_items(
+        todo, progress=not args.quiet and sys.stderr.isatty(), on_result=finished,
+        window=args.flush_every if journal is not None else 256) if transcriber else [])}
+    results = [done[it.key] if it.key in done else fresh[it.key] for it in items]
     text = _format_results(results, args.format)
-    if args.output and args.output != "-":
+    if to_file:
         atomic_write_text(args.output, text)
     else:
         sys.stdout.write(text)
-    if args.output_dir:
-        out = Path(args.output_dir)
-        for r in results:
-            if r.ok:
-                atomic_write_text(out / (r.path.stem + ".txt"), r.text + "\n")
+    if journal is not None:
+        journal.close(finished=not failed)
     if failed:
-        print(f"transcribe: {len(results) - failed} of {len(results)} file(s) transcribed, {failed} failed",
-              file=sys.stderr)
+        print(f"transcribe: {len(results) - failed} of {len(results)} file(s) transcribed, {failed} failed"
+              + (" (re-run with --resume to retry only those)" if journal is not None else ""), file=sys.stderr)
         return 1
     return 0
 
@@ -286,10 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("transcribe", help="transcribe audio files, folders and globs")
     decoding_flags(tr)
-    tr.add_argument("inputs", nargs="+", help="audio files, folders or glob patterns")
+    tr.add_argument("inputs", nargs="*", help="audio files, folders or glob patterns")
+    tr.add_argument("--manifest", help="transcribe the utterances (or segments) of a JSONL manifest instead")
     tr.add_argument("--format", choices=("text", "tsv", "json"), default="text")
     tr.add_argument("--output", default="-", help="output file (default: standard output)")
-    tr.add_argument("--output-dir", help="also write one NAME.txt per transcribed file here")
+    tr.add_argument("--output-dir", help="also write one NAME.txt per transcribed file (or manifest id) here")
+    tr.add_argument("--resume", action="store_true",
+                    help="after a kill: keep the transcripts already finished (journalled beside --output or in "
+                         "--output-dir) and only transcribe the rest")
+    tr.add_argument("--flush-every", type=int, default=64,
+                    help="files decoded together before their transcripts are saved (a kill loses at most these)")
     tr.add_argument("--chunk-seconds", type=float, default=None,
                     help="cut longer audio at quiet points (default: the longest training utterance)")
     tr.set_defaults(func=cmd_transcribe)
@@ -304,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    for flag in ("beam_size", "vocab_size", "num", "limit"):
+    for flag in ("beam_size", "vocab_size", "num", "limit", "flush_every"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}")

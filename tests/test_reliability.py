@@ -285,3 +285,76 @@ def test_a_bad_manifest_stops_training_before_it_starts_unless_told_to_skip(tiny
     with pytest.warns(UserWarning, match=r"skipped 1 bad line\(s\), kept 8"):
         data.setup("fit")
     assert len(data.train_dataset()) == 8
+
+
+# --------------------------------------------------------------------------- transcription runs
+def transcribe_cli(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, "-m", "speechformer.cli", "transcribe", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_transcribe_killed_then_resumed_does_only_the_missing_files(overfit_model, tmp_path):
+    import time
+
+    import soundfile as sf
+
+    from speechformer.audio import load_audio
+    from speechformer.data import read_manifest
+
+    utts = read_manifest(overfit_model["train"])
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for i in range(48):
+        u = utts[i % len(utts)]
+        sf.write(folder / f"f{i:03d}.wav", load_audio(u.audio).numpy(), 16000)
+    model = str(overfit_model["model"])
+    ref = transcribe_cli("--model", model, str(folder), "--format", "tsv", "--quiet")
+    ref_out, ref_err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, ref_err
+
+    out, txt = tmp_path / "out.tsv", tmp_path / "txt"
+    journal = txt / ".speechformer-progress.jsonl"
+    args = ["--model", model, str(folder), "--format", "tsv", "--output", str(out), "--output-dir", str(txt),
+            "--flush-every", "4", "--batch-seconds", "8", "--quiet"]
+    proc = transcribe_cli(*args)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 8:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists(), "a half-finished output file"
+    kept = {p.name: p.stat().st_mtime_ns for p in txt.glob("*.txt")}
+    assert 8 <= len(kept) < 48
+
+    resumed = transcribe_cli(*args, "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"resuming, {len(kept)} of 48 already done" in err
+    assert {p.name: p.stat().st_mtime_ns for p in txt.glob("*.txt") if p.name in kept} == kept, \
+        "a finished file was transcribed again"
+    assert out.read_text() == ref_out, "the resumed run's output differs from an uninterrupted run"
+    assert len(list(txt.glob("*.txt"))) == 48 and not journal.exists()
+
+
+def test_manifest_ids_cannot_write_outside_the_output_folder(overfit_model, tmp_path):
+    import json
+
+    from speechformer.data import read_manifest
+
+    u = read_manifest(overfit_model["train"])[0]
+    ids = ["../../escaped", "/etc/passwd_like", "a/b", "..", "plain", "ünïcode id"]
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps({"id": i, "audio": str(u.audio), "duration": u.duration}) + "\n" for i in ids))
+    out = tmp_path / "deep" / "out"
+    proc = transcribe_cli("--model", str(overfit_model["model"]), "--manifest", str(m), "--output-dir", str(out),
+                          "--format", "json", "--quiet")
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.txt"))
+    assert len(written) == len(ids) and all(p.parent == Path("deep/out") for p in written), written
+    assert "plain.txt" in {p.name for p in written} and "ünïcode id.txt" in {p.name for p in written}
+    assert [r["id"] for r in json.loads(stdout)] == ids
