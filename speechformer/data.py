@@ -384,6 +384,16 @@ class SpeechDataModule(L.LightningDataModule):
         or wrong-length files are manifest problems, found before training starts);
         ``skip_bad_lines`` trains on the good lines of a manifest with problems instead of refusing it."""
         super().__init__()
+        for name, value in (("max_batch_seconds", max_batch_seconds), ("sample_rate", sample_rate)):
+            if not value > 0:
+                raise ValueError(f"data.{name} must be positive, got {value}")
+        for name, value in (("max_batch_size", max_batch_size), ("num_workers", num_workers),
+                            ("max_duration", max_duration)):
+            if not value >= 0:
+                raise ValueError(f"data.{name} must be at least 0, got {value}")
+        if max_duration and max_duration > max_batch_seconds:
+            raise ValueError(f"data.max_duration ({max_duration} s) is longer than data.max_batch_seconds "
+                             f"({max_batch_seconds} s): such utterances would not fit in a batch")
         self.train_manifest, self.valid_manifest, self.test_manifest = train_manifest, valid_manifest, test_manifest
         self.tokenizer_path = tokenizer
         self.sample_rate = sample_rate

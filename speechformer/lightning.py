@@ -42,6 +42,15 @@ class SpeechModule(L.LightningModule):
         A batch whose loss is NaN or infinite is skipped (weights and optimiser state untouched)
         and counted; ``max_bad_steps`` such batches in a row stop training with a checkpoint."""
         super().__init__()
+        for name, value in (("lr", lr), ("val_beam_size", val_beam_size), ("stats_utterances", stats_utterances)):
+            if not value > 0:
+                raise ValueError(f"model.{name} must be positive, got {value}")
+        for name, value in (("weight_decay", weight_decay), ("warmup_steps", warmup_steps),
+                            ("min_lr_ratio", min_lr_ratio), ("peak_tflops", peak_tflops)):
+            if not value >= 0:
+                raise ValueError(f"model.{name} must be at least 0, got {value}")
+        if max_bad_steps < 1:
+            raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         if init_from:
             from .transcribe import load_model
@@ -73,8 +82,6 @@ class SpeechModule(L.LightningModule):
         self.min_lr_ratio, self.betas = min_lr_ratio, tuple(betas)
         self.stats_utterances = stats_utterances
         self.val_beam_size = val_beam_size
-        if max_bad_steps < 1:
-            raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps
         self.skipped_batches = 0
         self._bad_in_a_row = 0

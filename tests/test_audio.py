@@ -367,3 +367,69 @@ def test_split_invariants(bursts: list[float], gap: float, max_s: float) -> None
     if x.size <= int(max_s * rate):
         assert chunks == [(0, x.size)]
     _check_chunks(chunks, x.size, int(max_s * rate), spans)
+
+
+# --------------------------------------------------------------------------- property-based: anything in, clean out
+_DTYPES = st.sampled_from(["int8", "uint8", "int16", "int32", "int64", "float16", "float32", "float64", "bool",
+                           "complex64"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=_DTYPES, n=st.integers(0, 4000), channels=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
+       special=st.sampled_from([None, "nan", "inf", "zeros", "huge"]))
+def test_check_waveform_processes_or_rejects_any_array(dtype, n, channels, seed, special):
+    """Any array: either a finite 1-D float32 waveform comes back, or an AudioError naming it."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, channels) if channels > 1 else n) * 1000
+    if special == "zeros":
+        x[:] = 0
+    elif special == "huge":
+        x *= 1e30
+    with np.errstate(all="ignore"):  # casting 1e30 to int is part of the point
+        x = x.astype(dtype) if dtype != "bool" else x > 0
+    if special in ("nan", "inf") and x.dtype.kind in "fc" and x.size:
+        x.flat[rng.integers(x.size)] = np.nan if special == "nan" else np.inf
+    try:
+        tensor = torch.from_numpy(np.ascontiguousarray(x))
+    except TypeError:  # numpy dtypes torch has no equivalent for
+        return
+    try:
+        out = check_waveform(tensor, "any.wav")
+    except AudioError as err:
+        assert str(err).startswith("any.wav: ")
+        return
+    assert out.dtype == torch.float32 and out.dim() == 1 and out.numel() == n
+    assert bool(torch.isfinite(out).all())
+
+
+_SUBTYPES = {"int16": "PCM_16", "int32": "PCM_32", "float32": "FLOAT", "float64": "DOUBLE"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(sorted(_SUBTYPES)), n=st.integers(0, 3000), channels=st.integers(1, 4),
+       rate=st.sampled_from([8000, 11025, 16000, 44100, 96000]), seed=st.integers(0, 2**31 - 1),
+       special=st.sampled_from([None, "nan", "inf", "zeros", "truncate"]))
+def test_load_audio_reads_or_rejects_any_file(tmp_path_factory, dtype, n, channels, rate, seed, special):
+    """Any file soundfile can write (and truncated ones): a clean waveform at 16 kHz or an AudioError."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (n, channels))
+    if dtype.startswith("int"):
+        x = (x * np.iinfo(dtype).max).astype(dtype)
+    else:
+        x = x.astype(dtype)
+        if special in ("nan", "inf") and x.size:
+            x.flat[rng.integers(x.size)] = np.nan if special == "nan" else np.inf
+    if special == "zeros":
+        x[:] = 0
+    path = tmp_path_factory.mktemp("prop") / "x.wav"
+    sf.write(path, x, rate, subtype=_SUBTYPES[dtype])
+    if special == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: rng.integers(0, len(data) + 1)])
+    try:
+        wav = load_audio(path, sample_rate=16000)
+    except AudioError as err:
+        assert str(err).startswith(f"{path}: ")
+        return
+    assert wav.dtype == torch.float32 and wav.dim() == 1 and wav.numel() > 0
+    assert bool(torch.isfinite(wav).all())

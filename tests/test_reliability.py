@@ -358,3 +358,64 @@ def test_manifest_ids_cannot_write_outside_the_output_folder(overfit_model, tmp_
     assert len(written) == len(ids) and all(p.parent == Path("deep/out") for p in written), written
     assert "plain.txt" in {p.name for p in written} and "ünïcode id.txt" in {p.name for p in written}
     assert [r["id"] for r in json.loads(stdout)] == ids
+
+
+# --------------------------------------------------------------------------- bad audio in one batch
+def test_every_kind_of_bad_audio_in_one_batch_is_reported_and_the_rest_transcribed(overfit_model, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from speechformer.audio import load_audio
+    from speechformer.data import read_manifest
+    from speechformer.transcribe import Transcriber
+
+    speech = load_audio(read_manifest(overfit_model["train"])[0].audio).numpy()
+    d = tmp_path / "in"
+    d.mkdir()
+    good, bad = {}, {}
+
+    def write(name, data, rate=16000, **kw):  # type: ignore[no-untyped-def]
+        sf.write(d / name, data, rate, **kw)
+        return d / name
+
+    # readable, each a different format, layout or rate
+    good["pcm_u8"] = write("u8.wav", speech, subtype="PCM_U8")
+    good["pcm_24"] = write("s24.wav", speech, subtype="PCM_24")
+    good["float"] = write("f32.wav", speech, subtype="FLOAT")
+    good["8ch_96k"] = write("eight_channels_96k.wav", np.repeat(
+        np.interp(np.arange(len(speech) * 6) / 6, np.arange(len(speech)), speech)[:, None], 8, 1), 96000)
+    good["8k"] = write("eight_k.wav", speech[::2], 8000)
+    good["short"] = write("fifty_ms.wav", speech[4000:4800])
+    good["name"] = write("my file ünïcødé ß.wav", speech)
+    # not usable, each must be named with its reason
+    bad["truncated"] = d / "truncated.wav"
+    bad["truncated"].write_bytes((good["float"]).read_bytes()[:30])
+    bad["random"] = d / "random.wav"
+    bad["random"].write_bytes(np.random.default_rng(0).bytes(5000))
+    bad["empty"] = d / "empty.wav"
+    bad["empty"].write_bytes(b"")
+    bad["no_samples"] = write("no_samples.wav", np.zeros(0, dtype=np.float32))
+    bad["silence"] = write("silence.wav", np.zeros(16000, dtype=np.float32))
+    nan = speech.copy()
+    nan[100] = np.nan
+    bad["nan"] = write("nan.wav", nan, subtype="FLOAT")
+    inf = speech.copy()
+    inf[200] = np.inf
+    bad["inf"] = write("inf.wav", inf, subtype="FLOAT")
+    bad["missing"] = d / "does_not_exist.wav"
+
+    paths = [p for pair in zip(list(good.values()) + [None], list(bad.values())) for p in pair if p is not None]
+    paths += [p for p in list(good.values())[len(bad):]]
+    t = Transcriber.from_pretrained(overfit_model["model"], device="cpu")
+    results = t.transcribe(paths)
+    assert [r.path for r in results] == paths
+    by_path = {r.path: r for r in results}
+    for name, p in good.items():
+        assert by_path[p].ok, (name, by_path[p].error)
+    assert by_path[good["float"]].text == by_path[good["pcm_24"]].text != ""
+    reasons = {"truncated": "cannot be read", "random": "cannot be read", "empty": "empty", "no_samples": "no samples",
+               "silence": "only silence", "nan": "NaN/inf", "inf": "NaN/inf", "missing": "not found"}
+    for name, p in bad.items():
+        error = by_path[p].error
+        assert error is not None, name
+        assert error.startswith(str(p)) and reasons[name] in error and "\n" not in error, (name, error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import os
 import subprocess
 import sys
@@ -98,3 +99,42 @@ def test_fit_rejects_a_missing_tokenizer_before_training(tiny_corpus, tmp_path):
     assert proc.returncode != 0
     assert "tokenizer" in proc.stderr and "speechformer tokenizer train" in proc.stderr
     assert not (tmp_path / "exp" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--data.max_batch_seconds", "-5", "data.max_batch_seconds must be positive, got -5"),
+    ("--model.model.n_heads", "3", "d_model=32 must be divisible by n_heads=3"),
+])
+def test_fit_rejects_wrong_flag_values_before_training_naming_the_flag(tiny_corpus, tmp_path, flag, value, message):
+    from speechformer.data import read_manifest
+    from speechformer.tokenizer import train_tokenizer
+
+    exp = tmp_path / "exp"
+    train_tokenizer([u.text for u in read_manifest(tiny_corpus / "train.jsonl")], 40, exp / "tokenizer")
+    config = tmp_path / "train.yaml"
+    config.write_text(CONFIG.format(exp=exp, corpus=tiny_corpus))
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "speechformer.cli", "fit", "--config", str(config), flag, value],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert not (exp / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_batch_seconds": 0}, "data.max_batch_seconds must be positive"),
+    ({"num_workers": -1}, "data.num_workers must be at least 0"),
+    ({"max_duration": 50.0, "max_batch_seconds": 20.0}, "data.max_duration (50.0 s) is longer than"),
+    ({"lr": 0.0}, "model.lr must be positive"),
+    ({"val_beam_size": 0}, "model.val_beam_size must be positive"),
+    ({"warmup_steps": -1}, "model.warmup_steps must be at least 0"),
+    ({"max_bad_steps": 0}, "model.max_bad_steps must be at least 1"),
+])
+def test_wrong_settings_fail_at_construction_naming_the_setting(kwargs, message):
+    from speechformer.data import SpeechDataModule
+    from speechformer.lightning import SpeechModule
+
+    cls = SpeechModule if any(k in ("lr", "val_beam_size", "warmup_steps", "max_bad_steps") for k in kwargs) \
+        else SpeechDataModule
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cls(**kwargs)
