@@ -360,8 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_flags(args)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # bad input, missing files, a full disk: one line, no traceback
+        print(f"error: {err.strerror if isinstance(err, OSError) and err.strerror and not err.filename else err}",
+              file=sys.stderr)
         return 2
 
 

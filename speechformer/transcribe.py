@@ -13,6 +13,7 @@ compresses too well (a repetition loop) is cut back to where the loop began.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -118,8 +119,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         _publish(Path(tmp), path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+            raise OSError(err.errno, f"{path}: no space left on the device ({kept}); free some space and "
+                                     "re-run (transcribe: with --resume)") from err
         raise
 
 

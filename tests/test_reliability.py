@@ -419,3 +419,18 @@ def test_every_kind_of_bad_audio_in_one_batch_is_reported_and_the_rest_transcrib
         error = by_path[p].error
         assert error is not None, name
         assert error.startswith(str(p)) and reasons[name] in error and "\n" not in error, (name, error)
+
+
+def test_a_full_disk_while_writing_an_output_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    from speechformer import transcribe
+
+    out = tmp_path / "out.txt"
+    transcribe.atomic_write_text(out, "old\n")
+
+    def full(tmp, path):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transcribe, "_publish", full)
+    with pytest.raises(OSError, match=r"out.txt: no space left on the device \(the previous out.txt is intact\)"):
+        transcribe.atomic_write_text(out, "new\n")
+    assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
