@@ -34,13 +34,15 @@ class SpeechModule(L.LightningModule):
                  weight_decay: float = 0.01, warmup_steps: int = 500, min_lr_ratio: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.98), stats_utterances: int = 500,
                  val_beam_size: int = 1, init_from: str = "", freeze_encoder: bool = False,
-                 peak_tflops: float = 0.0, max_bad_steps: int = 20) -> None:
+                 peak_tflops: float = 0.0, max_bad_steps: int = 20, compile: bool = False) -> None:
         """``model`` sizes a new model; ``init_from`` (a model folder or checkpoint) starts
         from trained weights instead, and ``model`` is then ignored. ``freeze_encoder``
         trains only the decoder (the encoder runs without gradients). ``peak_tflops`` is the
         device's peak for the MFU in the training log (0: measured at the start of fit).
         A batch whose loss is NaN or infinite is skipped (weights and optimiser state untouched)
-        and counted; ``max_bad_steps`` such batches in a row stop training with a checkpoint."""
+        and counted; ``max_bad_steps`` such batches in a row stop training with a checkpoint.
+        ``compile`` runs each encoder/decoder layer through ``torch.compile`` (worth it on GPUs;
+        on this 2-core CPU it measured no faster, see benchmarks/README.md)."""
         super().__init__()
         for name, value in (("lr", lr), ("val_beam_size", val_beam_size), ("stats_utterances", stats_utterances)):
             if not value > 0:
@@ -73,6 +75,8 @@ class SpeechModule(L.LightningModule):
             self.model = SpeechTransformer(config)
         self.config = config
         self.freeze_encoder = freeze_encoder
+        if compile:
+            self.model.compile_layers()
         self.peak_tflops = peak_tflops
         self._step_start = 0.0
         if freeze_encoder:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -292,3 +293,26 @@ def test_onednn_prepacked_linear_equals_nn_linear_and_is_used_for_cpu_inference(
     assert n > 0 and not any(type(m) is torch.nn.Linear for m in model.modules())
     assert torch.allclose(packed_memory, memory, atol=1e-4)
     assert [h.tokens for h in after] == [h.tokens for h in before]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile (inductor) needs a C++ compiler")
+def test_compiled_layers_give_the_same_losses_gradients_and_state_dict():
+    import copy
+
+    torch.manual_seed(0)
+    eager = SpeechTransformer(tiny_config(ctc_weight=0.3, dropout=0.0, specaug_time_masks=0, specaug_freq_masks=0)).train()
+    compiled = copy.deepcopy(eager).compile_layers()
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints stay interchangeable
+    for wav_len, tok_len in ((8000, 5), (6400, 7)):  # two shapes: one dynamic graph serves both
+        wav, wl = torch.randn(2, wav_len), torch.tensor([wav_len, wav_len - 1000])
+        tokens, tl = torch.randint(4, 40, (2, tok_len)), torch.tensor([tok_len, tok_len - 2])
+        eager.zero_grad()
+        compiled.zero_grad()
+        a, b = eager(wav, wl, tokens, tl), compiled(wav, wl, tokens, tl)
+        for k in ("loss", "att_loss", "ctc_loss"):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+        a["loss"].backward()
+        b["loss"].backward()
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)

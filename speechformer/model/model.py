@@ -168,6 +168,18 @@ class SpeechTransformer(nn.Module):
             cross_caches.append(cross)
         return DecoderState(self_caches, cross_caches)
 
+    def compile_layers(self, dynamic: bool = True) -> "SpeechTransformer":
+        """``torch.compile`` each encoder and decoder layer in place (state-dict keys unchanged).
+
+        Layers, not the whole model: the frontend, masks and decoding loops have data-dependent
+        Python control flow that would break the graph anyway, and a layer is where the time
+        goes (fused layer norm + attention + feed-forward). ``dynamic``: one graph for all
+        batch shapes instead of a recompile per utterance length.
+        """
+        for layer in [*self.encoder_layers, *self.decoder_layers]:
+            layer.compile(dynamic=dynamic)
+        return self
+
     # ------------------------------------------------------------------ training
     def forward(self, wav: Tensor, wav_lengths: Tensor, tokens: Tensor, token_lengths: Tensor,
                 prompt: Sequence[int] | None = None) -> dict[str, Tensor]:
