@@ -15,6 +15,7 @@ its own. The steps, each safe to interrupt and re-run:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import sys
 import tarfile
 import time
@@ -78,10 +79,14 @@ def fetch(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0
         start = time.perf_counter()
         done = have
         with part.open(mode) as f:
-            while chunk := response.read(CHUNK):
-                f.write(chunk)
-                done += len(chunk)
-                _progress(dest.name, done, total, start, have)
+            try:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    _progress(dest.name, done, total, start, have)
+            except (http.client.HTTPException, OSError) as err:
+                raise PrepareError(f"{url}: the download broke off after {done} bytes ({type(err).__name__}); "
+                                   f"{part} is kept: run again to resume") from err
         if sys.stderr.isatty():
             print(file=sys.stderr)
     return _finish(part, dest, total, sha256, url)
