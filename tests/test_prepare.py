@@ -504,3 +504,15 @@ def test_prepare_librispeech_then_fit_20_steps_then_evaluate_via_the_cli(tmp_pat
     assert summary["num_utterances"] == 2 and summary["wer"] is not None
     ids = [line.split("\t")[0] for line in (exp / "eval" / "utterances.tsv").read_text().splitlines()[1:]]
     assert sorted(ids) == [r["id"] for r in rows(data / "test-clean.jsonl")]
+
+
+def test_data_prep_scripts_are_the_same_commands(tmp_path):
+    """data_prep/*.py run from a checkout (no install) and write what `speechformer prepare` writes."""
+    data = make_kaldi(tmp_path)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH="")
+    proc = subprocess.run([sys.executable, str(ROOT / "data_prep" / "kaldi.py"), str(data), "--out", "a.jsonl"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert prepare_main(["kaldi", str(data), "--out", str(tmp_path / "b.jsonl"), "--audio-root", str(tmp_path)]) == 0
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    assert "kaldi: " in proc.stdout and "4 utterances (3 with an offset)" in proc.stdout
