@@ -33,8 +33,8 @@ from speechformer.prepare import librispeech as ls
 from speechformer.prepare.cli import main as prepare_main
 from speechformer.prepare.commonvoice import prepare_commonvoice
 from speechformer.prepare.download import fetch
-from speechformer.prepare.kaldi import read_kaldi_dir, write_kaldi_dir
-from speechformer.prepare.ljspeech import prepare_ljspeech, split as lj_split
+from speechformer.prepare.kaldi import read_kaldi_dir
+from speechformer.prepare.ljspeech import split as lj_split
 
 SR = 16000
 

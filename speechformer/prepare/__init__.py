@@ -19,14 +19,12 @@ normalises text in one place (:mod:`speechformer.text`) for tokenizer, targets a
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 __all__ = ["PrepareError", "durations", "default_jobs", "report_skipped"]
-
-T = TypeVar("T")
 
 
 class PrepareError(ValueError):
@@ -59,8 +57,6 @@ def durations(paths: Sequence[Path], jobs: int = 0, where: Callable[[int], str] 
 
 def report_skipped(reason: str, names: Iterable[str], shown: int = 5) -> None:
     """One stderr line per reason: how many rows were skipped and the first few names."""
-    import sys
-
     names = list(names)
     if names:
         head = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
