@@ -121,6 +121,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     name = "/dev-clean.tar.gz"
     ranges: list[str] = []
     cut = 0
+    honour_range = True
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path != self.name:
@@ -129,7 +130,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         data, start = type(self).payload, 0
         asked = self.headers.get("Range")
         type(self).ranges.append(asked or "")
-        if asked:
+        if asked and type(self).honour_range:
             start = int(asked.split("=")[1].split("-")[0])
             if start >= len(data):
                 self.send_response(416)
@@ -151,7 +152,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    handler = type("Handler", (RangeHandler,), {"ranges": [], "cut": 0})
+    handler = type("Handler", (RangeHandler,), {"ranges": [], "cut": 0, "honour_range": True})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -203,6 +204,11 @@ def test_download_rejects_a_wrong_checksum_and_refetches(tmp_path, server, monke
     part.write_bytes(handler.payload)
     out = fetch(f"{url}/dev-clean.tar.gz", tmp_path / "root" / "x.tar.gz")
     assert out.read_bytes() == handler.payload and handler.ranges[-1] == f"bytes={len(handler.payload)}-"
+    # a server that ignores Range sends the whole file again: start over, never append a second copy
+    handler.honour_range = False
+    (tmp_path / "root" / "y.tar.gz.part").write_bytes(handler.payload[:1000])
+    out = fetch(f"{url}/dev-clean.tar.gz", tmp_path / "root" / "y.tar.gz")
+    assert out.read_bytes() == handler.payload and handler.ranges[-1] == "bytes=1000-"
     with pytest.raises(PrepareError, match="HTTP 404"):
         fetch(f"{url}/nothing.tar.gz", tmp_path / "root" / "nothing.tar.gz")
 
