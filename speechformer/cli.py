@@ -3,7 +3,8 @@
 ``fit``, ``validate`` and ``test`` are Lightning's own (LightningCLI): every Trainer flag
 works (``--trainer.devices``, ``--trainer.precision``, ``--trainer.max_epochs``...), and
 ``--config conf/x.yaml`` sets them from a file. The rest are small argparse commands:
-``data validate``, ``tokenizer train``, ``average``, ``export``, ``import-whisper``, ``transcribe``, ``evaluate``.
+``data validate``, ``tokenizer train``, ``average``, ``export``, ``import-whisper``, ``transcribe``,
+``evaluate``, ``prepare CORPUS`` and ``compute-stats`` (the last two in :mod:`speechformer.prepare.cli`).
 """
 
 from __future__ import annotations
@@ -341,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="report folder")
     ev.add_argument("--name", default=None, help="name of the set in the summary table")
     ev.set_defaults(func=cmd_evaluate)
+
+    from .prepare.cli import add_commands as add_prepare_commands  # prepare CORPUS, compute-stats
+
+    add_prepare_commands(sub)
     return p
 
 

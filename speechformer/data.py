@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
+import torchaudio
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -219,12 +220,24 @@ def write_manifest(path: str | Path, utts: Sequence[Utterance]) -> None:
 
 
 class SpeechDataset(Dataset):
-    """Utterances of a manifest as (id, waveform, token ids)."""
+    """Utterances of a manifest as (id, waveform, token ids).
 
-    def __init__(self, utts: Sequence[Utterance], tokenizer: AnyTokenizer | None, sample_rate: int = 16000) -> None:
+    ``speed_perturb`` (e.g. ``[0.9, 1.0, 1.1]``): each time an utterance is read, one factor
+    is drawn at random and the audio is resampled as if it had been recorded at
+    ``factor x sample_rate``, so it plays ``factor`` times faster, pitch shifted with it
+    (Kaldi's and ESPnet's speed perturbation, done on the fly instead of tripling the
+    corpus on disk); the length becomes ``len / factor``. Batching still uses the manifest
+    durations, so a batch can be up to ``1 / min(factors)`` longer than ``max_batch_seconds``.
+    """
+
+    def __init__(self, utts: Sequence[Utterance], tokenizer: AnyTokenizer | None, sample_rate: int = 16000,
+                 speed_perturb: Sequence[float] = ()) -> None:
         self.utts = list(utts)
         self.tokenizer = tokenizer
         self.sample_rate = sample_rate
+        if any(not 0.5 <= f <= 2.0 for f in speed_perturb):
+            raise ValueError(f"speed_perturb factors must be within [0.5, 2], got {list(speed_perturb)}")
+        self.speed_perturb = [float(f) for f in speed_perturb]
 
     def __len__(self) -> int:
         return len(self.utts)
@@ -237,8 +250,18 @@ class SpeechDataset(Dataset):
         u = self.utts[index]
         wav = load_audio(u.audio, self.sample_rate, offset=u.offset,
                          duration=u.duration if u.offset else None)
+        if self.speed_perturb:
+            factor = self.speed_perturb[int(torch.randint(len(self.speed_perturb), ()))]
+            wav = change_speed(wav, self.sample_rate, factor)
         tokens = self.tokenizer.encode(u.text) if self.tokenizer is not None else []
         return {"id": u.id, "wav": wav, "tokens": torch.tensor(tokens, dtype=torch.long), "text": u.text}
+
+
+def change_speed(wav: Tensor, sample_rate: int, factor: float) -> Tensor:
+    """``wav`` played ``factor`` times faster (tempo and pitch), by resampling: ``len / factor`` samples."""
+    if factor == 1.0:
+        return wav
+    return torchaudio.functional.resample(wav, orig_freq=int(round(sample_rate * factor)), new_freq=sample_rate)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -379,10 +402,13 @@ class SpeechDataModule(L.LightningDataModule):
     def __init__(self, train_manifest: str = "", valid_manifest: str = "", test_manifest: str = "",
                  tokenizer: str = "", sample_rate: int = 16000, max_batch_seconds: float = 120.0,
                  max_batch_size: int = 0, num_workers: int = 1, seed: int = 0,
-                 max_duration: float = 0.0, check_audio: bool = True, skip_bad_lines: bool = False) -> None:
+                 max_duration: float = 0.0, check_audio: bool = True, skip_bad_lines: bool = False,
+                 speed_perturb: list[float] | None = None) -> None:
         """``check_audio`` reads every audio header when a manifest is loaded (missing, unreadable
         or wrong-length files are manifest problems, found before training starts);
-        ``skip_bad_lines`` trains on the good lines of a manifest with problems instead of refusing it."""
+        ``skip_bad_lines`` trains on the good lines of a manifest with problems instead of refusing it.
+        ``speed_perturb``: speed factors drawn per training utterance (e.g. ``[0.9, 1.0, 1.1]``,
+        see :class:`SpeechDataset`); validation and test audio is never perturbed."""
         super().__init__()
         for name, value in (("max_batch_seconds", max_batch_seconds), ("sample_rate", sample_rate)):
             if not value > 0:
@@ -394,6 +420,7 @@ class SpeechDataModule(L.LightningDataModule):
         if max_duration and max_duration > max_batch_seconds:
             raise ValueError(f"data.max_duration ({max_duration} s) is longer than data.max_batch_seconds "
                              f"({max_batch_seconds} s): such utterances would not fit in a batch")
+        self.speed_perturb = list(speed_perturb or [])
         self.train_manifest, self.valid_manifest, self.test_manifest = train_manifest, valid_manifest, test_manifest
         self.tokenizer_path = tokenizer
         self.sample_rate = sample_rate
@@ -416,7 +443,8 @@ class SpeechDataModule(L.LightningDataModule):
             utts = read_manifest(manifest, check_audio=self.check_audio, skip_bad=self.skip_bad_lines)
             if self.max_duration > 0 and split == "train":
                 utts = [u for u in utts if u.duration <= self.max_duration]
-            self.datasets[split] = SpeechDataset(utts, self.tokenizer, self.sample_rate)
+            self.datasets[split] = SpeechDataset(utts, self.tokenizer, self.sample_rate,
+                                                 self.speed_perturb if split == "train" else ())
         return self.datasets[split]
 
     def setup(self, stage: str) -> None:

@@ -13,6 +13,8 @@ with nothing else to carry, and training and inference can never disagree about 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torchaudio
 from torch import Tensor, nn
@@ -68,6 +70,23 @@ class LogMelFrontend(nn.Module):
     @property
     def has_stats(self) -> bool:
         return int(self.stats_frames) > 0
+
+
+@torch.no_grad()
+def feature_sums(frontend: LogMelFrontend, wavs: Iterable[Tensor]) -> tuple[Tensor, Tensor, int]:
+    """Per-bin sums of the un-normalised log-mel frames of ``wavs`` and of their squares
+    (float64), and the frame count: what :meth:`LogMelFrontend.set_stats` takes. Shared by
+    training's own statistics and ``speechformer compute-stats``, so both agree exactly."""
+    total = torch.zeros(frontend.mean.numel(), dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    for wav in wavs:
+        feats, frames = frontend.log_mel(wav[None], torch.tensor([len(wav)]))
+        x = feats[0, :int(frames[0])].double()
+        total += x.sum(0)
+        total_sq += (x ** 2).sum(0)
+        count += x.shape[0]
+    return total, total_sq, count
 
 
 class WhisperFrontend(nn.Module):

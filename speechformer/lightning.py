@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .decoding import DecodeOptions, decode
 from .flops import measure_peak_tflops, training_flops
+from .frontend import feature_sums
 from .metrics import score
 from .model import ModelConfig, SpeechTransformer
 from .text import normalize_text
@@ -34,7 +35,8 @@ class SpeechModule(L.LightningModule):
                  weight_decay: float = 0.01, warmup_steps: int = 500, min_lr_ratio: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.98), stats_utterances: int = 500,
                  val_beam_size: int = 1, init_from: str = "", freeze_encoder: bool = False,
-                 peak_tflops: float = 0.0, max_bad_steps: int = 20, compile: bool = False) -> None:
+                 peak_tflops: float = 0.0, max_bad_steps: int = 20, compile: bool = False,
+                 feature_stats: str = "") -> None:
         """``model`` sizes a new model; ``init_from`` (a model folder or checkpoint) starts
         from trained weights instead, and ``model`` is then ignored. ``freeze_encoder``
         trains only the decoder (the encoder runs without gradients). ``peak_tflops`` is the
@@ -42,7 +44,9 @@ class SpeechModule(L.LightningModule):
         A batch whose loss is NaN or infinite is skipped (weights and optimiser state untouched)
         and counted; ``max_bad_steps`` such batches in a row stop training with a checkpoint.
         ``compile`` runs each encoder/decoder layer through ``torch.compile`` (worth it on GPUs;
-        on this 2-core CPU it measured no faster, see benchmarks/README.md)."""
+        on this 2-core CPU it measured no faster, see benchmarks/README.md).
+        ``feature_stats`` is a ``speechformer compute-stats`` JSON file: the global feature
+        mean/variance are taken from it instead of from ``stats_utterances`` training utterances."""
         super().__init__()
         for name, value in (("lr", lr), ("val_beam_size", val_beam_size), ("stats_utterances", stats_utterances)):
             if not value > 0:
@@ -85,6 +89,7 @@ class SpeechModule(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, tuple(betas)
         self.stats_utterances = stats_utterances
+        self.feature_stats = feature_stats
         self.val_beam_size = val_beam_size
         self.max_bad_steps = max_bad_steps
         self.skipped_batches = 0
@@ -137,23 +142,20 @@ class SpeechModule(L.LightningModule):
         train = dm.train_dataset()
         self.max_input_seconds = max(self.max_input_seconds, max(train.durations))
         if not self.model.frontend.has_stats:
-            self.compute_feature_stats(train)
+            if self.feature_stats:
+                from .prepare.stats import load_feature_stats
+
+                load_feature_stats(self.feature_stats, self.model.frontend)
+                print(f"speechformer: feature statistics from {self.feature_stats}")
+            else:
+                self.compute_feature_stats(train)
 
     @torch.no_grad()
     def compute_feature_stats(self, dataset: Any) -> None:
         frontend = self.model.frontend
         n = min(len(dataset), self.stats_utterances)
         step = max(1, len(dataset) // n)
-        total = torch.zeros(self.config.n_mels, dtype=torch.float64)
-        total_sq = torch.zeros_like(total)
-        count = 0
-        for i in range(0, step * n, step):
-            wav = dataset[i]["wav"]
-            feats, frames = frontend.log_mel(wav[None], torch.tensor([len(wav)]))
-            x = feats[0, :int(frames[0])].double()
-            total += x.sum(0)
-            total_sq += (x ** 2).sum(0)
-            count += x.shape[0]
+        total, total_sq, count = feature_sums(frontend, (dataset[i]["wav"] for i in range(0, step * n, step)))
         frontend.set_stats(total.float(), total_sq.float(), count)
         print(f"speechformer: feature statistics from {n} utterances ({count} frames)")
 
