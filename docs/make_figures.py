@@ -69,10 +69,13 @@ def digit_corpus(out: Path, num_train: int = 200, num_test: int = 8, seed: int =
     return out
 
 
-def train_tiny_model(corpus: Path, exp: Path, epochs: int = 12, seed: int = 0) -> Path:
-    """Train a tiny transformer on the digit corpus; returns the exported model folder."""
+def train_tiny_model(corpus: Path, exp: Path, epochs: int = 20, seed: int = 0) -> Path:
+    """Train a tiny transformer on the digit corpus; returns the exported model folder.
+
+    Sized for alignment per CPU-second: one decoder layer, small batches (many updates), CTC
+    weight 0.5 (it teaches the encoder to localise each word, which the cross-attention then
+    finds). Its cross-attention was seen to become monotonic after about 500-700 updates."""
     import lightning as L
-    import torch
 
     from speechformer.data import SpeechDataModule, read_manifest
     from speechformer.lightning import SpeechModule
@@ -81,16 +84,16 @@ def train_tiny_model(corpus: Path, exp: Path, epochs: int = 12, seed: int = 0) -
     from speechformer.transcribe import export_model, load_model
 
     train = corpus / "train.jsonl"
-    train_tokenizer([u.text for u in read_manifest(train)], 32, exp / "tokenizer")
+    train_tokenizer([u.text for u in read_manifest(train)], 48, exp / "tokenizer")
     L.seed_everything(seed, verbose=False)
-    config = ModelConfig(d_model=96, n_heads=4, d_ff=256, n_encoder_layers=2, n_decoder_layers=2,
-                         subsampling_channels=32, dropout=0.0, specaug_time_masks=0, specaug_freq_masks=0,
-                         ctc_weight=0.3, label_smoothing=0.0)
-    module = SpeechModule(model=config, tokenizer=str(exp / "tokenizer"), lr=3e-3, warmup_steps=30)
+    config = ModelConfig(d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=1,
+                         subsampling_channels=16, dropout=0.0, specaug_time_masks=0, specaug_freq_masks=0,
+                         ctc_weight=0.5, label_smoothing=0.0)
+    module = SpeechModule(model=config, tokenizer=str(exp / "tokenizer"), lr=4e-3, warmup_steps=30)
     data = SpeechDataModule(train_manifest=str(train), valid_manifest=str(corpus / "test.jsonl"),
-                            tokenizer=str(exp / "tokenizer"), max_batch_seconds=40.0, num_workers=0)
+                            tokenizer=str(exp / "tokenizer"), max_batch_seconds=8.0, num_workers=0)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=epochs,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         default_root_dir=str(exp), use_distributed_sampler=False, gradient_clip_val=5.0,
                         enable_checkpointing=False)
     trainer.fit(module, datamodule=data)
