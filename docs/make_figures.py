@@ -322,9 +322,10 @@ def make_figures(model_dir: Path, audio: Path, out: Path, work: Path) -> list[Pa
         normed = (vec - vec.mean()) / vec.var(unbiased=False).add(norm.eps).sqrt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3), layout="constrained", sharey=True)
     axes[0].hist(vec.numpy(), bins=30, color="tab:grey")
-    axes[0].set_title(f"a frame vector: mean {float(vec.mean()):.2f}, std {float(vec.std()):.2f}")
+    axes[0].set_title(f"a frame vector entering encoder layer 0\nmean {float(vec.mean()):.2f}, "
+                      f"std {float(vec.std(unbiased=False)):.2f}", fontsize=9)
     axes[1].hist(normed.numpy(), bins=30, color="tab:blue")
-    axes[1].set_title("after normalising (before LayerNorm's gain/bias): mean 0, std 1")
+    axes[1].set_title("normalised (LayerNorm before its gain and bias)\nmean 0.00, std 1.00", fontsize=9)
     save("layer_norm.png", fig)
 
     # the encoder stack, layer by layer
