@@ -4,7 +4,8 @@
 works (``--trainer.devices``, ``--trainer.precision``, ``--trainer.max_epochs``...), and
 ``--config conf/x.yaml`` sets them from a file. The rest are small argparse commands:
 ``data validate``, ``tokenizer train``, ``average``, ``export``, ``import-whisper``, ``transcribe``,
-``evaluate``, ``prepare CORPUS`` and ``compute-stats`` (the last two in :mod:`speechformer.prepare.cli`).
+``evaluate``, ``explain``, ``plot``, ``prepare CORPUS`` and ``compute-stats`` (the last two in
+:mod:`speechformer.prepare.cli`).
 """
 
 from __future__ import annotations
@@ -261,6 +262,54 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """One utterance, inside the model: spectrogram, attention maps, next-token candidates."""
+    try:
+        from .explain import explain
+
+        files = explain(args.model, args.audio, args.out, encoder_layer=args.encoder_layer, top_k=args.top_k,
+                        device=args.device)
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = json.loads(files["explain.json"].read_text(encoding="utf-8"))
+    print(f"explain: {summary['transcript']!r} ({len(files)} files) -> {files['index.html']}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Training curves (loss, WER/CER, learning rate) from a run's CSV log; prints the best epoch."""
+    try:
+        from .plot import plot_run
+
+        files, best = plot_run(args.exp_dir, args.out)
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(best)
+    print(f"plot: {', '.join(str(p) for p in files.values())}")
+    return 0
+
+
+def add_inspection_commands(sub: argparse._SubParsersAction) -> None:
+    """``explain`` and ``plot`` (need the ``plot`` extra: matplotlib)."""
+    ex = sub.add_parser("explain", help="one utterance inside the model: spectrogram, attention maps, "
+                        "next-token candidates, index.html")
+    ex.add_argument("--model", required=True, help="exported model directory or .ckpt (as transcribe)")
+    ex.add_argument("audio", help="one audio file (one utterance)")
+    ex.add_argument("--out", required=True, help="folder for the figures, arrays and index.html")
+    ex.add_argument("--encoder-layer", type=int, default=-1,
+                    help="encoder layer whose self-attention to draw (0-based; default -1, the last)")
+    ex.add_argument("--top-k", type=int, default=5, help="next-token candidates per step (default 5)")
+    ex.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    ex.set_defaults(func=cmd_explain)
+
+    pl = sub.add_parser("plot", help="training curves of a run (loss, WER/CER, learning rate) and its best epoch")
+    pl.add_argument("exp_dir", help="experiment folder with logs/version_*/metrics.csv (CSVLogger), or a metrics.csv")
+    pl.add_argument("--out", default=None, help="folder for the PNGs (default: EXP_DIR/plots)")
+    pl.set_defaults(func=cmd_plot)
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="speechformer", description=__doc__,
@@ -342,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="report folder")
     ev.add_argument("--name", default=None, help="name of the set in the summary table")
     ev.set_defaults(func=cmd_evaluate)
+    add_inspection_commands(sub)
 
     from .prepare.cli import add_commands as add_prepare_commands  # prepare CORPUS, compute-stats
 
@@ -350,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    for flag in ("beam_size", "vocab_size", "num", "limit", "flush_every"):
+    for flag in ("beam_size", "vocab_size", "num", "limit", "flush_every", "top_k"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}")
