@@ -128,8 +128,11 @@ def _load_transcriber(args: argparse.Namespace, **kwargs):  # type: ignore[no-un
             raise ValueError("--language/--task apply to Whisper models only")
         data = bundle.tokenizer.payload() | {k: v for k, v in (("language", args.language), ("task", args.task)) if v}
         bundle.tokenizer = WhisperTokenizer.from_payload(data)
+    if args.ctc_weight is not None and args.decoder != "joint":
+        raise ValueError(f"--ctc-weight applies to --decoder joint (got --decoder {args.decoder})")
     return Transcriber(bundle, device=args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
-                       beam_size=args.beam_size, batch_seconds=args.batch_seconds, precision=args.precision, **kwargs)
+                       beam_size=args.beam_size, batch_seconds=args.batch_seconds, precision=args.precision,
+                       decoder=args.decoder, ctc_weight=0.3 if args.ctc_weight is None else args.ctc_weight, **kwargs)
 
 
 def _expand_inputs(items: Sequence[str]) -> list[Path]:
@@ -244,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     def decoding_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", required=True, help="exported model directory or .ckpt")
         sp.add_argument("--beam-size", type=int, default=1)
+        sp.add_argument("--decoder", choices=("attention", "joint", "ctc"), default="attention",
+                        help="attention: the decoder alone (greedy, or beam search with --beam-size); "
+                             "joint: beam search scored by the decoder and CTC prefix scores (--ctc-weight); "
+                             "ctc: the CTC head alone, greedy (fastest, no decoder pass)")
+        sp.add_argument("--ctc-weight", type=float, default=None,
+                        help="--decoder joint: weight of the CTC score, 0 (attention only) to 1 (CTC only); "
+                             "default 0.3")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--batch-seconds", type=float, default=240.0, help="audio seconds per batch (padded)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -183,7 +183,8 @@ class Transcriber:
                  chunk_seconds: float | None = None, pause_seconds: float | None = 0.5,
                  no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
                  compression_ratio_threshold: float = 2.4, cpu_fast_path: bool = True,
-                 precision: str = "fp32", stream_seconds: float = 300.0) -> None:
+                 precision: str = "fp32", stream_seconds: float = 300.0, decoder: str = "attention",
+                 ctc_weight: float = 0.3) -> None:
         torch.set_flush_denormal(True)  # subnormal floats are ~100x slower on x86 CPUs
         if bundle.tokenizer is None:
             raise ValueError("this model has no tokenizer; import it again with --tokenizer tokenizer.json")
@@ -202,7 +203,11 @@ class Transcriber:
         self.rules = self.tokenizer.rules()
         self.device = torch.device(device)
         self.whisper = self.model.config.frontend == "whisper"
-        self.options = DecodeOptions.for_model(self.model, beam_size)
+        self.options = DecodeOptions.for_model(self.model, beam_size, decoder=decoder, ctc_weight=ctc_weight)
+        if decoder != "attention" and self.model.ctc is None:
+            raise ValueError(f"--decoder {decoder} needs a CTC head, and this model has none "
+                             f"({'Whisper models have none' if self.whisper else 'trained with ctc_head: false'}); "
+                             "use --decoder attention")
         self.no_speech_threshold = no_speech_threshold
         self.logprob_threshold = logprob_threshold
         self.compression_ratio_threshold = compression_ratio_threshold

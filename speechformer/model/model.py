@@ -220,6 +220,12 @@ class SpeechTransformer(nn.Module):
             out["loss"] = att_loss
         return out
 
+    def ctc_log_probs(self, memory: Tensor) -> Tensor:
+        """CTC head: memory [B, T, D] -> per-frame log-probabilities [B, T, vocab] (float32)."""
+        if self.ctc is None:
+            raise ValueError("this model has no CTC head (Whisper models have none): use the attention decoder")
+        return self.ctc(memory).float().log_softmax(-1)
+
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Everything before the memory: subsampling, encoder stack, final encoder norm."""
         parts = [self.frontend, self.subsampling, self.encoder_positions, self.encoder_layers, self.encoder_norm]
