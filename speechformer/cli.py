@@ -141,10 +141,29 @@ def _expand_inputs(items: Sequence[str]) -> list[Path]:
     return expand_audio_paths(items)
 
 
+SUBTITLE_FORMATS = ("srt", "vtt")
+
+
+def _subtitles(result, fmt: str) -> str:  # type: ignore[no-untyped-def]
+    from .timestamps import format_srt, format_vtt, words_to_cues
+
+    cues = words_to_cues(result.words or [], duration=result.duration)
+    return format_srt(cues) if fmt == "srt" else format_vtt(cues)
+
+
 def _format_results(results: list, fmt: str) -> str:
+    if fmt in SUBTITLE_FORMATS:  # one file (several need --output-dir: checked before transcribing)
+        return "".join(_subtitles(r, fmt) for r in results if r.ok)
     if fmt == "json":
-        rows = [{"path": str(r.path), "text": r.text, "duration": round(r.duration, 3)}
-                if r.ok else {"path": str(r.path), "error": r.error} for r in results]
+        rows = []
+        for r in results:
+            if not r.ok:
+                rows.append({"path": str(r.path), "error": r.error})
+                continue
+            row = {"path": str(r.path), "text": r.text, "duration": round(r.duration, 3)}
+            if r.words is not None:
+                row["words"] = [w.to_dict() for w in r.words]
+            rows.append(row)
         return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
     if fmt == "tsv":
         lines = ["path\ttext"] + [f"{r.path}\t{r.text}" for r in results if r.ok]
@@ -160,7 +179,13 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    transcriber = _load_transcriber(args, chunk_seconds=args.chunk_seconds)
+    subtitles = args.format in SUBTITLE_FORMATS
+    if subtitles and len(paths) > 1 and not args.output_dir:
+        print(f"error: --format {args.format} writes one subtitle file per audio file: give --output-dir for "
+              f"{len(paths)} files (or transcribe one file)", file=sys.stderr)
+        return 2
+    transcriber = _load_transcriber(args, chunk_seconds=args.chunk_seconds,
+                                    timestamps=args.timestamps or subtitles)
     failed = 0
 
     def report(result) -> None:  # type: ignore[no-untyped-def]
@@ -170,16 +195,20 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {result.error}", file=sys.stderr)
 
     results = transcriber.transcribe(paths, progress=not args.quiet and sys.stderr.isatty(), on_result=report)
-    text = _format_results(results, args.format)
-    if args.output and args.output != "-":
-        atomic_write_text(args.output, text)
-    else:
-        sys.stdout.write(text)
+    if not (subtitles and len(paths) > 1):
+        text = _format_results(results, args.format)
+        if args.output and args.output != "-":
+            atomic_write_text(args.output, text)
+        else:
+            sys.stdout.write(text)
     if args.output_dir:
         out = Path(args.output_dir)
         for r in results:
             if r.ok:
-                atomic_write_text(out / (r.path.stem + ".txt"), r.text + "\n")
+                if subtitles:
+                    atomic_write_text(out / f"{r.path.stem}.{args.format}", _subtitles(r, args.format))
+                else:
+                    atomic_write_text(out / (r.path.stem + ".txt"), r.text + "\n")
     if failed:
         print(f"transcribe: {len(results) - failed} of {len(results)} file(s) transcribed, {failed} failed",
               file=sys.stderr)
@@ -266,9 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("transcribe", help="transcribe audio files, folders and globs")
     decoding_flags(tr)
     tr.add_argument("inputs", nargs="+", help="audio files, folders or glob patterns")
-    tr.add_argument("--format", choices=("text", "tsv", "json"), default="text")
+    tr.add_argument("--format", choices=("text", "tsv", "json", "srt", "vtt"), default="text",
+                    help="srt/vtt: subtitles from word timestamps (implies --timestamps; several files need "
+                         "--output-dir)")
+    tr.add_argument("--timestamps", action="store_true",
+                    help="word start/end times from a CTC forced alignment (in --format json as \"words\"); "
+                         "needs a model with a CTC head (not Whisper)")
     tr.add_argument("--output", default="-", help="output file (default: standard output)")
-    tr.add_argument("--output-dir", help="also write one NAME.txt per transcribed file here")
+    tr.add_argument("--output-dir", help="also write one NAME.txt (NAME.srt / NAME.vtt) per transcribed file here")
     tr.add_argument("--chunk-seconds", type=float, default=None,
                     help="cut longer audio at quiet points (default: the longest training utterance)")
     tr.set_defaults(func=cmd_transcribe)
