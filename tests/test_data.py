@@ -152,3 +152,25 @@ def test_frontend_gives_finite_frames_for_any_length_and_scale(n, scale):
     out, frames = fe(wav, torch.tensor([n]))
     assert out.shape[1] == int(frames[0]) == n // 160 + 1
     assert torch.isfinite(out).all()
+
+
+def test_sampler_shuffle_is_seeded_by_the_epoch_and_the_same_on_every_rank():
+    durations = _durations(333, seed=1)
+    ranks = [DurationBatchSampler(durations, max_seconds=30.0, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
+    lists = []
+    for epoch in (0, 1):
+        for s in ranks:
+            s.set_epoch(epoch)
+        assert ranks[0]._all_batches() == ranks[1]._all_batches()  # each rank builds the same global list
+        lists.append(ranks[0]._all_batches())
+    assert lists[0] != lists[1]  # and a new epoch reshuffles it
+
+
+def test_lightning_hands_the_epoch_to_the_batch_sampler():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = DurationBatchSampler(_durations(50), max_seconds=30.0, num_replicas=2, rank=1, seed=3)
+    loader = DataLoader(list(range(50)), batch_sampler=sampler)
+    _set_sampler_epoch(loader, 4)  # what Lightning's fit loop calls at the start of each epoch
+    assert sampler.epoch == 4
