@@ -151,8 +151,11 @@ def _load_transcriber(args: argparse.Namespace, **kwargs):  # type: ignore[no-un
             raise ValueError("--language/--task apply to Whisper models only")
         data = bundle.tokenizer.payload() | {k: v for k, v in (("language", args.language), ("task", args.task)) if v}
         bundle.tokenizer = WhisperTokenizer.from_payload(data)
+    if args.ctc_weight is not None and args.decoder != "joint":
+        raise ValueError(f"--ctc-weight applies to --decoder joint (got --decoder {args.decoder})")
     return Transcriber(bundle, device=args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
-                       beam_size=args.beam_size, batch_seconds=args.batch_seconds, precision=args.precision, **kwargs)
+                       beam_size=args.beam_size, batch_seconds=args.batch_seconds, precision=args.precision,
+                       decoder=args.decoder, ctc_weight=0.3 if args.ctc_weight is None else args.ctc_weight, **kwargs)
 
 
 def _expand_inputs(items: Sequence[str]) -> list[Path]:
@@ -161,12 +164,30 @@ def _expand_inputs(items: Sequence[str]) -> list[Path]:
     return expand_audio_paths(items)
 
 
+SUBTITLE_FORMATS = ("srt", "vtt")
+
+
+def _subtitles(result, fmt: str) -> str:  # type: ignore[no-untyped-def]
+    from .timestamps import format_srt, format_vtt, words_to_cues
+
+    cues = words_to_cues(result.words or [], duration=result.duration)
+    return format_srt(cues) if fmt == "srt" else format_vtt(cues)
+
+
 def _format_results(results: list, fmt: str) -> str:
+    if fmt in SUBTITLE_FORMATS:  # one file (several need --output-dir: checked before transcribing)
+        return "".join(_subtitles(r, fmt) for r in results if r.ok)
     if fmt == "json":
-        rows = [{"path": str(r.path), "text": r.text, "duration": round(r.duration, 3)}
-                if r.ok else {"path": str(r.path), "error": r.error} for r in results]
-        # a manifest's utterances keep their ids
-        rows = [({"id": r.key} if r.key != str(r.path) else {}) | row for row, r in zip(rows, results)]
+        rows = []
+        for r in results:
+            row = {"id": r.key} if r.key != str(r.path) else {}  # a manifest's utterances keep their ids
+            if not r.ok:
+                rows.append(row | {"path": str(r.path), "error": r.error})
+                continue
+            row |= {"path": str(r.path), "text": r.text, "duration": round(r.duration, 3)}
+            if r.words is not None:
+                row["words"] = [w.to_dict() for w in r.words]
+            rows.append(row)
         return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
     if fmt == "tsv":
         lines = ["path\ttext"] + [f"{r.key}\t{r.text}" for r in results if r.ok]
@@ -196,6 +217,10 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from .transcribe import atomic_write_text
 
     items, from_files = _transcribe_items(args)
+    subtitles = args.format in SUBTITLE_FORMATS
+    if subtitles and len(items) > 1 and not args.output_dir:
+        raise ValueError(f"--format {args.format} writes one subtitle file per audio file: give --output-dir for "
+                         f"{len(items)} files (or transcribe one file)")
     to_file = bool(args.output and args.output != "-")
     if args.resume and not (to_file or args.output_dir):
         raise ValueError("--resume needs --output FILE or --output-dir DIR (where the finished work is kept)")
@@ -210,7 +235,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                   "already done", file=sys.stderr)
     done = journal.done if journal is not None else {}
     todo = [it for it in items if it.key not in done]
-    transcriber = _load_transcriber(args, chunk_seconds=args.chunk_seconds) if todo else None
+    transcriber = _load_transcriber(args, chunk_seconds=args.chunk_seconds,
+                                    timestamps=args.timestamps or subtitles) if todo else None
     failed = 0
 
     def finished(result) -> None:  # type: ignore[no-untyped-def]
@@ -220,7 +246,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {result.error}", file=sys.stderr)
             return
         if args.output_dir:
-            atomic_write_text(Path(args.output_dir) / (names[result.key] + ".txt"), result.text + "\n")
+            out = Path(args.output_dir) / names[result.key]
+            if subtitles:
+                atomic_write_text(out.with_name(f"{out.name}.{args.format}"), _subtitles(result, args.format))
+            else:
+                atomic_write_text(out.with_name(out.name + ".txt"), result.text + "\n")
         if journal is not None:
             journal.record(result)
 
@@ -228,11 +258,12 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         todo, progress=not args.quiet and sys.stderr.isatty(), on_result=finished,
         window=args.flush_every if journal is not None else 256) if transcriber else [])}
     results = [done[it.key] if it.key in done else fresh[it.key] for it in items]
-    text = _format_results(results, args.format)
-    if to_file:
-        atomic_write_text(args.output, text)
-    else:
-        sys.stdout.write(text)
+    if not (subtitles and len(items) > 1):
+        text = _format_results(results, args.format)
+        if to_file:
+            atomic_write_text(args.output, text)
+        else:
+            sys.stdout.write(text)
     if journal is not None:
         journal.close(finished=not failed)
     if failed:
@@ -360,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     def decoding_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", required=True, help="exported model directory or .ckpt")
         sp.add_argument("--beam-size", type=int, default=1)
+        sp.add_argument("--decoder", choices=("attention", "joint", "ctc"), default="attention",
+                        help="attention: the decoder alone (greedy, or beam search with --beam-size); "
+                             "joint: beam search scored by the decoder and CTC prefix scores (--ctc-weight); "
+                             "ctc: the CTC head alone, greedy (fastest, no decoder pass)")
+        sp.add_argument("--ctc-weight", type=float, default=None,
+                        help="--decoder joint: weight of the CTC score, 0 (attention only) to 1 (CTC only); "
+                             "default 0.3")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--batch-seconds", type=float, default=240.0, help="audio seconds per batch (padded)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -373,9 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     decoding_flags(tr)
     tr.add_argument("inputs", nargs="*", help="audio files, folders or glob patterns")
     tr.add_argument("--manifest", help="transcribe the utterances (or segments) of a JSONL manifest instead")
-    tr.add_argument("--format", choices=("text", "tsv", "json"), default="text")
+    tr.add_argument("--format", choices=("text", "tsv", "json", "srt", "vtt"), default="text",
+                    help="srt/vtt: subtitles from word timestamps (implies --timestamps; several files need "
+                         "--output-dir)")
+    tr.add_argument("--timestamps", action="store_true",
+                    help="word start/end times from a CTC forced alignment (in --format json as \"words\"); "
+                         "needs a model with a CTC head (not Whisper)")
     tr.add_argument("--output", default="-", help="output file (default: standard output)")
-    tr.add_argument("--output-dir", help="also write one NAME.txt per transcribed file (or manifest id) here")
+    tr.add_argument("--output-dir", help="also write one NAME.txt (NAME.srt / NAME.vtt) per transcribed file (or "
+                         "manifest id) here")
     tr.add_argument("--resume", action="store_true",
                     help="after a kill: keep the transcripts already finished (journalled beside --output or in "
                          "--output-dir) and only transcribe the rest")

@@ -318,6 +318,14 @@ class DurationBatchSampler(Sampler[list[int]]):
         nothing repeated, nothing skipped. Other epochs are untouched."""
         self._resume = (epoch, batches_done)
 
+    @property
+    def sampler(self) -> "DurationBatchSampler":
+        """Lightning hands each new epoch to ``loader.sampler.set_epoch`` and
+        ``loader.batch_sampler.sampler.set_epoch``, never to the batch sampler itself: this is
+        how the epoch reaches :meth:`set_epoch` (without it every epoch repeated the first
+        epoch's batches, in the same order)."""
+        return self
+
     def _all_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 100_003 + self.epoch)
         order = list(range(len(self.durations)))

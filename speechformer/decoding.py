@@ -1,4 +1,5 @@
-"""Turning encoder memory into token sequences: batched greedy and beam search.
+"""Turning encoder memory into token sequences: batched greedy and beam search with the
+attention decoder, CTC greedy decoding, and joint CTC/attention beam search.
 
 Both run the encoder once per batch, keep each decoder layer's keys/values in
 preallocated caches (so step t costs one token, not t), and never loop forever: the
@@ -9,11 +10,22 @@ What to feed first, when to stop and which tokens never to emit come from the
 tokenizer as :class:`~speechformer.tokenizer.DecodeRules` (speechformer's own models:
 ``<s>`` then anything but ``<blank>``/``<s>``; Whisper: its start-of-transcript prompt,
 suppressed non-speech tokens, no blank first token, and the no-speech probability).
+
+Three decoders (``DecodeOptions.decoder``):
+
+* ``attention``: the decoder alone (greedy for beam 1, beam search otherwise);
+* ``ctc``: the CTC head alone, greedy (best label per frame, repeats collapsed, blanks dropped):
+  no decoder pass at all, the fastest;
+* ``joint``: beam search whose score is ``(1 - w) log p_att(h) + w log p_ctc(h...)``, where the
+  CTC part is the *prefix* probability of h (:class:`CTCPrefixScorer`, Watanabe et al. 2017)
+  and ``w = ctc_weight``. CTC's monotonic alignment vetoes hypotheses the audio cannot
+  support (dropped or repeated words, loops, early ends) that the decoder alone may like.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -28,19 +40,29 @@ class DecodeOptions:
     length_penalty: float = 1.0  # beam score = log p / length ** length_penalty
     max_len_ratio: float = 1.0  # at most this many tokens per encoder frame
     max_len: int = 0  # hard cap (0: the model's position table)
+    decoder: Literal["attention", "joint", "ctc"] = "attention"
+    ctc_weight: float = 0.3  # joint: weight of the CTC prefix score (0 = attention only, 1 = CTC only)
+    ctc_candidates: int = 0  # joint: tokens per beam given a CTC prefix score (0: 1.5 x beam, all if ctc_weight 1)
 
     @classmethod
-    def for_model(cls, model: SpeechTransformer, beam_size: int = 1) -> "DecodeOptions":
+    def for_model(cls, model: SpeechTransformer, beam_size: int = 1, **kwargs: object) -> "DecodeOptions":
         """Defaults for a model: Whisper windows get at most half the decoder's positions
         (openai-whisper's ``sample_len``), so a repetition loop cannot run to 446 tokens."""
         whisper = model.config.frontend == "whisper"
-        return cls(beam_size=beam_size, max_len=model.config.max_target_positions // 2 if whisper else 0)
+        return cls(beam_size=beam_size, max_len=model.config.max_target_positions // 2 if whisper else 0,
+                   **kwargs)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"--beam-size must be at least 1, got {self.beam_size}")
         if self.max_len_ratio <= 0:
             raise ValueError(f"max_len_ratio must be positive, got {self.max_len_ratio}")
+        if self.decoder not in ("attention", "joint", "ctc"):
+            raise ValueError(f"--decoder must be attention, joint or ctc, got {self.decoder!r}")
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ValueError(f"--ctc-weight must be in [0, 1], got {self.ctc_weight}")
+        if self.decoder == "ctc" and self.beam_size != 1:
+            raise ValueError("--decoder ctc is greedy: drop --beam-size (or use --decoder joint for a beam search)")
 
 
 @dataclass
@@ -141,6 +163,127 @@ def _strip(ids: list[int], eos: int) -> list[int]:
 
 
 @torch.inference_mode()
+def ctc_greedy_decode(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor) -> list[Hypothesis]:
+    """The CTC head alone: the most likely label of every frame, repeats collapsed, blanks
+    dropped. ``logprob`` is that best path's log-probability (not the labelling's)."""
+    log_probs = model.ctc_log_probs(memory)
+    best, ids = log_probs.max(-1)  # [B, T]
+    blank = model.config.blank_id
+    out = []
+    for row, n in enumerate(mem_lengths.tolist()):
+        path = ids[row, :n]
+        keep = torch.ones_like(path, dtype=torch.bool)
+        keep[1:] = path[1:] != path[:-1]
+        keep &= path != blank
+        out.append(Hypothesis(path[keep].tolist(), float(best[row, :n].sum())))
+    return out
+
+
+class CTCPrefixScorer:
+    """CTC prefix scores of beam hypotheses, vectorised over beams, candidates and time.
+
+    The prefix score of h is log ψ(h) = log P(the CTC labelling starts with h | audio); the
+    score of a *finished* h is log P(labelling = h). For every hypothesis g the scorer keeps
+    the forward variables r^n_t(g), r^b_t(g): the probability that frames 0..t emit g and end
+    in a label (n) or a blank (b). Extending g by c (Watanabe et al. 2017, Algorithm 2; ESPnet's
+    ``CTCPrefixScore``)::
+
+        φ_t      = r^b_{t-1}(g) + (r^n_{t-1}(g) if c != last(g) else 0)
+        r^n_t(h) = (r^n_{t-1}(h) + φ_t) x_t(c)
+        r^b_t(h) = (r^b_{t-1}(h) + r^n_{t-1}(h)) x_t(blank)
+        ψ(h)     = Σ_t φ_t x_t(c)
+
+    The time loop is not written out: both recursions are first-order linear, so in log
+    space ``log r^n_t(h) = C_t + logcumsumexp_{s<=t}(log φ_s - C_{s-1})`` with C the running
+    sum of log x(c), and likewise for r^b with the blank's running sum. Every frame of every
+    candidate is computed at once (float64, so the differences of running sums keep their
+    precision). Time index 0 of the state is "before the first frame", where the empty
+    prefix has probability 1.
+    """
+
+    def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int, beams: int = 1,
+                 max_elements: int = 1 << 24) -> None:
+        """``log_probs`` [B, T, V] and ``lengths`` [B] of B utterances, each with ``beams``
+        consecutive hypotheses (rows), all starting empty."""
+        self.log_probs = log_probs  # kept as is: only the candidates' columns are read
+        b, t, _ = log_probs.shape
+        self.utt = torch.arange(b, device=log_probs.device).repeat_interleave(beams)  # utterance of each row
+        self.lengths = lengths.to(log_probs.device).repeat_interleave(beams)  # [N]
+        blank_lp = log_probs[..., blank].double().clamp(min=-1e5)
+        # running sum of the blank's log-probabilities, with 0 for "before the first frame"
+        blank_cum = torch.cat([blank_lp.new_zeros(b, 1), blank_lp.cumsum(1)], dim=1)  # [B, T+1]
+        self.blank_cum = blank_cum
+        self.r_b = blank_cum[self.utt]  # the empty prefix: blanks only
+        self.r_n = torch.full_like(self.r_b, float("-inf"))
+        self.last = torch.full((len(self.utt),), -1, dtype=torch.long, device=log_probs.device)
+        self.max_elements = max_elements
+        self._cand: Tensor | None = None
+        self._new: tuple[Tensor, Tensor] | None = None
+
+    def end_scores(self) -> Tensor:
+        """log P(labelling = g) for every hypothesis g: [N] (its score with the end token)."""
+        at = self.lengths[:, None]
+        return torch.logaddexp(self.r_n.gather(1, at), self.r_b.gather(1, at))[:, 0]
+
+    def score(self, candidates: Tensor) -> Tensor:
+        """log ψ(g + c) for ``candidates`` [N, P] token ids per hypothesis -> [N, P].
+        The new forward variables are kept for :meth:`select`."""
+        self._cand = candidates
+        n, p = candidates.shape
+        t = self.log_probs.shape[1]
+        chunk = max(1, self.max_elements // max(1, n * t))
+        psis, r_ns, r_bs = [], [], []
+        for start in range(0, p, chunk):
+            psi, r_n, r_b = self._score(candidates[:, start:start + chunk])
+            psis.append(psi)
+            r_ns.append(r_n)
+            r_bs.append(r_b)
+        self._new = (torch.cat(r_ns, 1), torch.cat(r_bs, 1))
+        return torch.cat(psis, 1)
+
+    def _score(self, cand: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n, p = cand.shape
+        t = self.log_probs.shape[1]
+        frames = torch.arange(t, device=cand.device)
+        a = self.log_probs[self.utt[:, None, None], frames[None, None, :], cand[:, :, None]]  # log x_t(c): [N, P, T]
+        a = a.double().clamp(min=-1e5)  # float64: differences of long running sums stay exact
+        zeros = a.new_zeros(n, p, 1)
+        cum = torch.cat([zeros, a.cumsum(2)], dim=2)  # C_{t} at index t+1, C_{-1} = 0 at index 0
+        same = (cand == self.last[:, None])[:, :, None]
+        phi = torch.logaddexp(self.r_b[:, None, :t],
+                              self.r_n[:, None, :t].expand(n, p, t).masked_fill(same, float("-inf")))
+        r_n = cum[:, :, 1:] + torch.logcumsumexp(phi - cum[:, :, :t], dim=2)  # [N, P, T]
+        inside = torch.arange(t, device=a.device)[None, None, :] < self.lengths[:, None, None]
+        psi = torch.logsumexp((phi + a).masked_fill(~inside, float("-inf")), dim=2)
+        # r^b_t(h) sums r^n_{s-1}(h) x_s..x_t(blank) over s <= t (r^n_{-1}(h) = 0)
+        r_n_prev = torch.cat([zeros.fill_(float("-inf")), r_n[:, :, :-1]], dim=2)
+        bcum = self.blank_cum[self.utt][:, None, :]
+        r_b = bcum[:, :, 1:] + torch.logcumsumexp(r_n_prev - bcum[:, :, :t], dim=2)
+        pad = zeros.fill_(float("-inf"))  # nothing non-empty has been emitted before the first frame
+        return psi, torch.cat([pad, r_n], 2), torch.cat([pad, r_b], 2)
+
+    def select(self, rows: Tensor, tokens: Tensor) -> None:
+        """The new hypotheses: row i extends old row ``rows[i]`` by ``tokens[i]``, one of the
+        candidates last scored for that row."""
+        assert self._cand is not None and self._new is not None, "score() first"
+        slot = (self._cand[rows] == tokens[:, None]).int().argmax(1)
+        r_n, r_b = self._new
+        self.r_n, self.r_b = r_n[rows, slot], r_b[rows, slot]
+        self.last = tokens
+        self.utt, self.lengths = self.utt[rows], self.lengths[rows]
+        self._cand = self._new = None
+
+
+def _weighted(att: Tensor, ctc: Tensor, w: float) -> Tensor:
+    """(1 - w) att + w ctc, with -inf (forbidden) kept -inf and a zero weight ignoring its side."""
+    if w == 0.0:
+        return att
+    if w == 1.0:
+        return ctc.masked_fill(att == float("-inf"), float("-inf"))
+    return (1.0 - w) * att + w * ctc
+
+
+@torch.inference_mode()
 def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
                 options: DecodeOptions, rules: DecodeRules | None = None) -> list[Hypothesis]:
     """Batched beam search with length normalisation.
@@ -150,11 +293,18 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
     (scored ``log p / length ** length_penalty``), the best K other extensions stay
     alive, and the caches are reordered to follow their parents. An utterance is done
     when it has K finished hypotheses and no alive beam can still beat its best one.
+
+    ``options.decoder == "joint"`` adds CTC prefix scores: each beam's ``ctc_candidates``
+    best tokens by the decoder (or every token when ``ctc_weight`` is 1) are scored by
+    :class:`CTCPrefixScorer`, a hypothesis scores ``(1 - w) log p_att + w log ψ_ctc``, and
+    the end token's CTC score is the probability that the labelling is exactly the
+    hypothesis. With ``ctc_weight`` 0 the result is the attention beam search's.
     """
     rules = rules or default_rules(model)
     eos = rules.eos_id
     k = options.beam_size
-    if k == 1:
+    joint = options.decoder == "joint"
+    if k == 1 and not joint:
         return greedy_decode(model, memory, mem_lengths, options, rules)
     b, device = memory.shape[0], memory.device
     limits = decode_limits(model, mem_lengths, options, len(rules.prompt))
@@ -166,6 +316,12 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
 
     scores = torch.zeros(b, k, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive
+    vocab = model.config.vocab_size
+    if joint:
+        w = options.ctc_weight
+        ctc = CTCPrefixScorer(model.ctc_log_probs(memory), mem_lengths, model.config.blank_id, k)
+        att_scores = scores.clone()  # the decoder's part of each beam's score
+        n_cand = vocab if w == 1.0 else min(vocab, options.ctc_candidates or max(2, int(1.5 * k)))
     history = torch.zeros((b * k, 0), dtype=torch.long, device=device)
     last = torch.tensor(rules.prompt, dtype=torch.long, device=device).expand(b * k, -1)
     best_score = torch.full((b,), float("-inf"), device=device)
@@ -181,7 +337,21 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
         if step == 0:
             no_speech = _no_speech(logits[::k], rules)
         logp = suppress(logits[:, -1].float(), step).log_softmax(-1).view(b, k, -1)
-        cand = scores[..., None] + logp  # [B, K, V]
+        if joint:
+            att_cand = att_scores[..., None] + logp  # [B, K, V]
+            if n_cand < vocab:
+                ids = logp.masked_fill(torch.arange(vocab, device=device) == eos, float("-inf")).topk(n_cand, -1)[1]
+            else:
+                ids = torch.arange(vocab, device=device).expand(b, k, vocab)
+            ids = ids.reshape(b * k, -1)
+            psi = torch.full((b * k, vocab), float("-inf"), device=device)
+            psi.scatter_(1, ids, ctc.score(ids).float())
+            psi[:, eos] = ctc.end_scores().float()
+            cand = _weighted(att_cand, psi.view(b, k, vocab), w)
+            if w > 0:  # tokens without a CTC score are not candidates
+                cand = cand.masked_fill(psi.view(b, k, vocab) == float("-inf"), float("-inf"))
+        else:
+            cand = scores[..., None] + logp  # [B, K, V]
         length = step + 1
         # hypotheses that end here
         eos_scores = cand[..., eos] / length ** options.length_penalty  # [B, K]
@@ -201,6 +371,9 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
         scores, idx = flat.topk(k, dim=-1)
         parent = idx // cand.shape[-1]
         token = idx % cand.shape[-1]
+        if joint:
+            att_scores = att_cand.view(b, -1).gather(1, idx)
+            ctc.select((rows[:, None] * k + parent).flatten(), token.flatten())
         # stop when no alive beam can beat the best finished one (scores only fall)
         best_alive = scores.max(-1).values / length ** options.length_penalty
         done |= (n_finished >= k) & (best_alive < best_score)
@@ -209,6 +382,8 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
         if bool(done.all()) or step == max_len - 1:
             break
         scores = scores.masked_fill(done[:, None], float("-inf"))
+        if joint:
+            att_scores = att_scores.masked_fill(done[:, None], float("-inf"))
         index = (rows[:, None] * k + parent).flatten()
         state.reorder(index, cross=False)  # parents are beams of the same utterance
         history = torch.cat([history.index_select(0, index), token.flatten()[:, None]], dim=1)
@@ -228,8 +403,13 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
 
 def decode(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
            options: DecodeOptions | None = None, rules: DecodeRules | None = None) -> list[Hypothesis]:
-    """Greedy for beam 1, beam search otherwise."""
+    """The decoder ``options`` asks for: CTC greedy, joint CTC/attention beam search, or the
+    attention decoder (greedy for beam 1, beam search otherwise)."""
     options = options or DecodeOptions()
+    if options.decoder == "ctc":
+        return ctc_greedy_decode(model, memory, mem_lengths)
+    if options.decoder == "joint":
+        return beam_search(model, memory, mem_lengths, options, rules)
     if options.beam_size == 1:
         return greedy_decode(model, memory, mem_lengths, options, rules)
     return beam_search(model, memory, mem_lengths, options, rules)

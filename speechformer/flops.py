@@ -26,6 +26,8 @@ def forward_flops(config: ModelConfig, batch: int, frames: int, tokens: int) -> 
         t_enc = (frames - 1) // 2 + 1
         stem = 2 * c.n_mels * d * 3 * frames + 2 * d * d * 3 * t_enc
     enc_layer = t_enc * (8 * d * d + 4 * d * ff) + 4 * t_enc * t_enc * d
+    if c.encoder == "conformer":  # a second feed-forward, and the convolution module (pointwise d->2d, depthwise, d->d)
+        enc_layer += t_enc * (4 * d * ff + 6 * d * d + 2 * c.conv_kernel_size * d)
     dec_layer = (tokens * (8 * d * d + 4 * d * ff + 4 * tokens * d)  # self-attention + feed-forward
                  + tokens * (4 * d * d + 4 * t_enc * d) + t_enc * 4 * d * d)  # cross-attention
     heads = 2 * d * c.vocab_size * tokens + (2 * d * c.vocab_size * t_enc if c.ctc_head else 0)

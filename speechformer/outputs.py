@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from .timestamps import Word
 from .transcribe import TranscriptResult
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
@@ -70,8 +71,9 @@ class TranscriptJournal:
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     row = json.loads(line)
+                    words = [Word(**w) for w in row["words"]] if row.get("words") is not None else None
                     self.done[row["key"]] = TranscriptResult(row["key"], Path(row["path"]), row["text"],
-                                                             duration=float(row.get("duration", 0.0)))
+                                                             duration=float(row.get("duration", 0.0)), words=words)
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     continue
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,8 @@ class TranscriptJournal:
         if not result.ok:
             return
         row = {"key": result.key, "path": str(result.path), "text": result.text, "duration": round(result.duration, 3)}
+        if result.words is not None:
+            row["words"] = [w.to_dict() for w in result.words]
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -31,6 +31,7 @@ from torch import Tensor
 from .audio import AudioError, audio_info, load_audio, split_long_audio
 from .decoding import DecodeOptions, Hypothesis, decode
 from .model import ModelConfig, SpeechTransformer
+from .timestamps import FrameClock, Word, word_timestamps
 from .tokenizer import MODEL_FILE, WHISPER_FILE, AnyTokenizer, load_tokenizer, tokenizer_from_payload
 
 CONFIG_FILE = "config.json"
@@ -160,6 +161,7 @@ class TranscriptResult:
     text: str = ""
     error: str | None = None
     duration: float = 0.0
+    words: list[Word] | None = None  # with timestamps: each word's start/end (seconds from the file's start)
 
     @property
     def ok(self) -> bool:
@@ -188,12 +190,21 @@ class Transcriber:
                  chunk_seconds: float | None = None, pause_seconds: float | None = 0.5,
                  no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
                  compression_ratio_threshold: float = 2.4, cpu_fast_path: bool = True,
-                 precision: str = "fp32", stream_seconds: float = 300.0) -> None:
+                 precision: str = "fp32", stream_seconds: float = 300.0, decoder: str = "attention",
+                 ctc_weight: float = 0.3, timestamps: bool = False) -> None:
         torch.set_flush_denormal(True)  # subnormal floats are ~100x slower on x86 CPUs
         if bundle.tokenizer is None:
             raise ValueError("this model has no tokenizer; import it again with --tokenizer tokenizer.json")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
+        # options that need the CTC head fail here, before any work (Whisper has no CTC head)
+        why = "Whisper models have none" if bundle.model.config.frontend == "whisper" else "ctc_head: false"
+        if decoder != "attention" and bundle.model.ctc is None:
+            raise ValueError(f"--decoder {decoder} needs a CTC head, and this model has none ({why}); "
+                             "use --decoder attention")
+        if timestamps and bundle.model.ctc is None:
+            raise ValueError("--timestamps needs a CTC head (word times come from a CTC forced alignment), and "
+                             f"this model has none ({why})")
         self.precision = precision
         self.bundle = bundle
         self.model = bundle.model.to(device).eval()
@@ -207,7 +218,9 @@ class Transcriber:
         self.rules = self.tokenizer.rules()
         self.device = torch.device(device)
         self.whisper = self.model.config.frontend == "whisper"
-        self.options = DecodeOptions.for_model(self.model, beam_size)
+        self.options = DecodeOptions.for_model(self.model, beam_size, decoder=decoder, ctc_weight=ctc_weight)
+        self.timestamps = timestamps
+        self.clock = FrameClock.for_model(self.model)
         self.no_speech_threshold = no_speech_threshold
         self.logprob_threshold = logprob_threshold
         self.compression_ratio_threshold = compression_ratio_threshold
@@ -260,20 +273,30 @@ class Transcriber:
         if bar is not None:
             bar.close()
 
-    @torch.inference_mode()
     def transcribe_waveforms(self, wavs: Sequence[Tensor]) -> list[str]:
         """Texts for 1-D float waveforms at the model's sample rate (each within one chunk)."""
+        return [text for text, _ in self.transcribe_segments(wavs)]
+
+    @torch.inference_mode()
+    def transcribe_segments(self, wavs: Sequence[Tensor]) -> list[tuple[str, list[Word] | None]]:
+        """(text, words) for 1-D waveforms; words (seconds from each waveform's start) only
+        with ``timestamps``."""
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
-        texts: list[str] = [""] * len(wavs)
+        out: list[tuple[str, list[Word] | None]] = [("", [] if self.timestamps else None)] * len(wavs)
         # a Whisper window always costs 30 s of encoder, however short its audio
         costs = [self.model.frontend.chunk_samples if self.whisper else len(wavs[i]) for i in order]
         for batch in self._batches(costs):
             idx = [order[i] for i in batch]
-            for i, text in zip(idx, self._run([wavs[i] for i in idx])):
-                texts[i] = text
-        return texts
+            for i, seg in zip(idx, self._run([wavs[i] for i in idx])):
+                out[i] = seg
+        return out
 
     # --------------------------------------------------------------- internals
+    def _decode_chunks(self, wavs: Sequence[Tensor]) -> list[tuple[str, list[Word] | None]]:
+        if self.timestamps:
+            return self.transcribe_segments(wavs)
+        return [(text, None) for text in self.transcribe_waveforms(wavs)]
+
     def _is_long(self, item: AudioItem) -> int | None:
         """``id(item)`` when the whole file is to be read block by block, else None."""
         if item.offset or item.duration is not None:
@@ -289,7 +312,7 @@ class Transcriber:
         chunks transcribed, except the last chunk (it may run past the block), which starts the
         next block. Memory stays that of one block, whatever the file's length."""
         total = audio_info(item.path)[3]
-        result = TranscriptResult(item.key, item.path, duration=total)
+        result = TranscriptResult(item.key, item.path, duration=total, words=[] if self.timestamps else None)
         texts: list[str] = []
         pos = 0.0
         while pos < total - 0.01:
@@ -312,7 +335,11 @@ class Transcriber:
                 spans = spans[:-1]
             else:
                 carry = len(wav)
-            texts += [t for t in self.transcribe_waveforms([wav[s:e] for s, e in spans]) if t]
+            for (s, _), (text, words) in zip(spans, self._decode_chunks([wav[s:e] for s, e in spans])):
+                if text:
+                    texts.append(text)
+                if words and result.words is not None:  # times from the file's start
+                    result.words += [w.shifted(pos + s / self.sample_rate) for w in words]
             pos += max(carry, 1) / self.sample_rate
         result.text = " ".join(texts)
         return result
@@ -329,25 +356,28 @@ class Transcriber:
     def _transcribe_loaded(self, items: Sequence[AudioItem], loaded: Sequence[Tensor | AudioError]
                            ) -> list[TranscriptResult]:
         max_samples = int(self.chunk_seconds * self.sample_rate)
-        segments: list[tuple[int, Tensor]] = []  # (item index, waveform piece)
+        segments: list[tuple[int, int, Tensor]] = []  # (item index, first sample, waveform piece)
         results = []
         for n, (item, wav) in enumerate(zip(items, loaded)):
             if isinstance(wav, Exception):
                 results.append(TranscriptResult(item.key, item.path, error=str(wav)))
                 continue
-            results.append(TranscriptResult(item.key, item.path, duration=len(wav) / self.sample_rate))
+            results.append(TranscriptResult(item.key, item.path, duration=len(wav) / self.sample_rate,
+                                            words=[] if self.timestamps else None))
             if len(wav) <= max_samples:
-                segments.append((n, wav))
+                segments.append((n, 0, wav))
             else:
                 for s, e in split_long_audio(wav, self.sample_rate, self.chunk_seconds,
                                              min_seconds=min(1.0, self.chunk_seconds / 4),
                                              pause_seconds=self.pause_seconds):
-                    segments.append((n, wav[s:e]))
-        texts = self.transcribe_waveforms([w for _, w in segments])
+                    segments.append((n, s, wav[s:e]))
+        decoded = self._decode_chunks([w for _, _, w in segments])
         pieces: dict[int, list[str]] = {}
-        for (n, _), text in zip(segments, texts):
+        for (n, start, _), (text, words) in zip(segments, decoded):
             if text:
                 pieces.setdefault(n, []).append(text)
+            if words:  # times from the file's start (chunks after the first begin later)
+                results[n].words += [w.shifted(items[n].offset + start / self.sample_rate) for w in words]
         for n, result in enumerate(results):
             if result.ok:
                 result.text = " ".join(pieces.get(n, []))
@@ -366,12 +396,12 @@ class Transcriber:
         if batch:
             yield batch
 
-    def _run(self, wavs: Sequence[Tensor]) -> list[str]:
-        texts = [""] * len(wavs)
+    def _run(self, wavs: Sequence[Tensor]) -> list[tuple[str, list[Word] | None]]:
+        out: list[tuple[str, list[Word] | None]] = [("", [] if self.timestamps else None)] * len(wavs)
         # digital silence has nothing to say: do not ask the model (it may hallucinate)
         live = [i for i, w in enumerate(wavs) if len(w) and float(w.abs().max()) > SILENCE_PEAK]
         if not live:
-            return texts
+            return out
         lengths = torch.tensor([len(wavs[i]) for i in live])
         batch = torch.zeros(len(live), int(lengths.max()))
         for row, i in enumerate(live):
@@ -380,9 +410,15 @@ class Transcriber:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             memory, mem_lengths, _ = self.model.encode(batch.to(self.device), lengths.to(self.device))
             hyps = decode(self.model, memory, mem_lengths, self.options, self.rules)
-        for i, hyp in zip(live, hyps):
-            texts[i] = self._text(hyp)
-        return texts
+            log_probs = self.model.ctc_log_probs(memory).cpu() if self.timestamps else None
+        for row, (i, hyp) in enumerate(zip(live, hyps)):
+            words = None
+            if log_probs is not None:
+                n = int(mem_lengths[row])
+                words = word_timestamps(log_probs[row, :n], hyp.tokens, self.tokenizer.pieces(hyp.tokens),
+                                        self.model.config.blank_id, self.clock, len(wavs[i]) / self.sample_rate)
+            out[i] = (self._text(hyp), words)
+        return out
 
     def _text(self, hyp: Hypothesis) -> str:
         """The transcript of one window, after Whisper's guards against silence and loops."""

@@ -220,3 +220,25 @@ def test_cli_data_validate_exit_status_and_report(tmp_path, capsys):
     good.write_bytes(b"".join(l for i, l in enumerate(m.read_bytes().splitlines(keepends=True)) if i in (0, 9)))
     assert main(["data", "validate", str(good)]) == 0
     assert "OK, 2 utterances" in capsys.readouterr().err
+
+
+def test_sampler_shuffle_is_seeded_by_the_epoch_and_the_same_on_every_rank():
+    durations = _durations(333, seed=1)
+    ranks = [DurationBatchSampler(durations, max_seconds=30.0, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
+    lists = []
+    for epoch in (0, 1):
+        for s in ranks:
+            s.set_epoch(epoch)
+        assert ranks[0]._all_batches() == ranks[1]._all_batches()  # each rank builds the same global list
+        lists.append(ranks[0]._all_batches())
+    assert lists[0] != lists[1]  # and a new epoch reshuffles it
+
+
+def test_lightning_hands_the_epoch_to_the_batch_sampler():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = DurationBatchSampler(_durations(50), max_seconds=30.0, num_replicas=2, rank=1, seed=3)
+    loader = DataLoader(list(range(50)), batch_sampler=sampler)
+    _set_sampler_epoch(loader, 4)  # what Lightning's fit loop calls at the start of each epoch
+    assert sampler.epoch == 4

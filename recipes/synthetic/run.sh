@@ -4,6 +4,7 @@
 #
 #   bash run.sh                      # everything
 #   bash run.sh --stage 2 --stop-stage 2   # only training (re-running resumes from last.ckpt)
+#   bash run.sh --config conf/conformer.yaml --exp exp/conformer   # the Conformer encoder
 #
 # Every stage is one command a user could type; this script only strings them together.
 set -euo pipefail
@@ -13,7 +14,7 @@ stage=0
 stop_stage=100
 config=conf/train.yaml
 data=data/synthetic        # corpus (stage 0)
-exp=exp/transformer        # tokenizer, checkpoints, logs, model, reports (as in conf/train.yaml)
+exp=exp/transformer        # tokenizer, checkpoints, logs, model, reports (as in the config's paths)
 num_train=8000
 vocab_size=256
 beam_size=4
@@ -24,9 +25,10 @@ while [[ $# -gt 0 ]]; do
     --stage) stage=$2; shift 2 ;;
     --stop-stage|--stop_stage) stop_stage=$2; shift 2 ;;
     --config) config=$2; shift 2 ;;
+    --exp) exp=$2; shift 2 ;;
     --num-train) num_train=$2; shift 2 ;;
     --beam-size) beam_size=$2; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

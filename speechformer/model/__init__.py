@@ -1,13 +1,13 @@
 """The transformer, written from its parts: attention, layers, the model, its config."""
 
-from .attention import KVCache, MultiHeadAttention, attention, causal_mask
+from .attention import KVCache, MultiHeadAttention, RotaryEmbedding, attention, causal_mask
 from .config import ModelConfig
-from .layers import (Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, EncoderLayer, FeedForward,
+from .layers import (ConformerLayer, ConvolutionModule, Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, EncoderLayer, FeedForward,
                      LearnedPositions, SinusoidalPositions, sinusoids)
 from .model import DecoderState, SpeechTransformer, TokenEmbedding
 
 __all__ = [
-    "KVCache", "MultiHeadAttention", "attention", "causal_mask", "ModelConfig", "Conv1dSubsampling",
+    "KVCache", "MultiHeadAttention", "RotaryEmbedding", "ConformerLayer", "ConvolutionModule", "attention", "causal_mask", "ModelConfig", "Conv1dSubsampling",
     "Conv2dSubsampling", "DecoderLayer", "EncoderLayer", "FeedForward", "LearnedPositions",
     "SinusoidalPositions", "sinusoids", "DecoderState", "SpeechTransformer", "TokenEmbedding",
 ]

@@ -42,6 +42,35 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tu
     return weights @ v, weights
 
 
+class RotaryEmbedding(nn.Module):
+    """Rotary positions (RoPE, Su et al. 2021): rotate each query and key by its position.
+
+    Channel pairs (i, i + d/2) of a head are rotated by the angle ``p * w_i``, with
+    frequencies w_i spaced geometrically from 1 to 1/base. A rotation by ``p * w`` of the query
+    and by ``s * w`` of the key leaves their dot product a function of ``p - s`` only, so
+    attention scores see *relative* positions, while the lookup itself is still
+    ``softmax(Q K^T) V`` and runs in the fused kernel. Nothing is added to the stream.
+    """
+
+    inv_freq: Tensor
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary positions need an even head size, got {head_dim}")
+        half = head_dim // 2
+        self.register_buffer("inv_freq", base ** (-torch.arange(half, dtype=torch.float32) / half),
+                             persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Rotate ``x`` [..., T, head_dim] by positions ``offset .. offset + T - 1``."""
+        t = x.shape[-2]
+        angles = torch.arange(offset, offset + t, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
 class KVCache:
     """Preallocated keys and values of one attention layer for incremental decoding.
 
@@ -82,10 +111,12 @@ class MultiHeadAttention(nn.Module):
     ``d_model`` is split into ``n_heads`` heads of ``d_model // n_heads`` dimensions; each
     head attends independently and the heads' outputs are concatenated and projected.
     Used for encoder self-attention, causal decoder self-attention and cross-attention
-    (queries from the decoder, keys/values from the encoder memory).
+    (queries from the decoder, keys/values from the encoder memory). ``rotary=True``
+    rotates queries and keys by their positions (:class:`RotaryEmbedding`) before the lookup.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, key_bias: bool = True) -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, key_bias: bool = True,
+                 rotary: bool = False) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
@@ -94,6 +125,8 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(d_model, d_model, bias=key_bias)
         self.value = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
+        # rotary positions (self-attention over a full sequence: the encoder)
+        self.rotary = RotaryEmbedding(self.head_dim) if rotary else None
 
     def _split(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, Dh]
         b, t, _ = x.shape
@@ -129,6 +162,10 @@ class MultiHeadAttention(nn.Module):
             k, v = self.project_kv(x if source is None else source)
             if cache is not None:
                 k, v = cache.append(k, v)
+        if self.rotary is not None:
+            if cache is not None or source is not None:
+                raise ValueError("rotary positions are for self-attention over a whole sequence")
+            q, k = self.rotary(q), self.rotary(k)
         group = q.shape[0] // k.shape[0]
         if group > 1:
             # beams share their utterance's memory: its keys/values are cached once, and the

@@ -39,9 +39,16 @@ class ModelConfig:
     subsampling: Literal["conv2d", "conv1d"] = "conv2d"
     subsampling_channels: int = 0  # conv2d only; 0 means d_model
 
+    # encoder: "transformer" (self-attention + feed-forward) or "conformer" (macaron
+    # feed-forward halves around self-attention and a convolution module; see layers.py)
+    encoder: Literal["transformer", "conformer"] = "transformer"
+    conv_kernel_size: int = 15  # conformer: depthwise convolution width in encoder frames (odd)
+    conv_norm: Literal["layer", "batch"] = "layer"  # conformer: norm after the depthwise convolution
+
     activation: Literal["relu", "gelu"] = "relu"
     decoder_positions: Literal["sinusoidal", "learned"] = "sinusoidal"
-    encoder_positions: Literal["sinusoidal", "stored"] = "sinusoidal"  # stored: the checkpoint's rounded table
+    # stored: the checkpoint's rounded table; rotary: RoPE on the encoder's queries and keys
+    encoder_positions: Literal["sinusoidal", "stored", "rotary"] = "sinusoidal"
     embed_scale: bool = True  # multiply token embeddings by sqrt(d_model) before adding positions
     key_bias: bool = True  # Whisper has no bias on the key projection
     layer_norm_eps: float = 1e-5
@@ -75,6 +82,15 @@ class ModelConfig:
                 raise ValueError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.ctc_weight <= 1.0:
             raise ValueError(f"model config: ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        if self.encoder not in ("transformer", "conformer"):
+            raise ValueError(f"model config: encoder must be transformer or conformer, got {self.encoder!r}")
+        if self.conv_kernel_size < 1 or self.conv_kernel_size % 2 == 0:
+            raise ValueError(f"model config: conv_kernel_size must be odd and positive, got {self.conv_kernel_size}")
+        if self.conv_norm not in ("layer", "batch"):
+            raise ValueError(f"model config: conv_norm must be layer or batch, got {self.conv_norm!r}")
+        if self.encoder_positions == "rotary" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"model config: rotary positions need an even head size, got "
+                             f"d_model / n_heads = {self.d_model // self.n_heads}")
         if self.ctc_weight > 0 and not self.ctc_head:
             raise ValueError("model config: ctc_weight > 0 needs ctc_head: true")
 

@@ -165,7 +165,7 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
-        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act = {"gelu": nn.GELU, "silu": nn.SiLU}.get(activation, nn.ReLU)()
         self.dropout = Dropout(dropout)  # on the wide activations (config: activation_dropout)
         self.fc2 = nn.Linear(d_ff, d_model)
 
@@ -177,10 +177,11 @@ class EncoderLayer(nn.Module):
     """Self-attention over all frames, then feed-forward; each with skip + pre-LayerNorm."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
-                 activation: str, key_bias: bool, eps: float, activation_dropout: float = 0.0) -> None:
+                 activation: str, key_bias: bool, eps: float, activation_dropout: float = 0.0,
+                 rotary: bool = False) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_model, eps=eps)
-        self.attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias)
+        self.attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias, rotary=rotary)
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
         self.dropout = Dropout(dropout)
@@ -191,6 +192,78 @@ class EncoderLayer(nn.Module):
         x = x + self.dropout(y)
         x = x + self.dropout(self.ff(self.ff_norm(x)))
         return x, weights
+
+
+class ConvolutionModule(nn.Module):
+    """The Conformer's convolution module: local patterns that attention models poorly.
+
+    pointwise conv (d -> 2d) -> GLU (a learnt gate halves it back to d) -> depthwise conv
+    (each channel over ``kernel_size`` neighbouring frames) -> norm -> SiLU -> pointwise conv.
+    Padded frames are zeroed before the depthwise convolution, so an utterance's frames
+    read the same zeros past its end whether it is alone or padded inside a batch.
+
+    ``norm="layer"`` (the default) normalises each frame on its own: the output does not
+    depend on the rest of the batch in training either, and nothing changes between
+    training and inference. ``norm="batch"`` is the paper's BatchNorm (statistics over the
+    batch's frames, padding excluded only at inference through the running averages).
+    """
+
+    def __init__(self, d_model: int, kernel_size: int, norm: str = "layer", eps: float = 1e-5) -> None:
+        super().__init__()
+        self.pointwise1 = nn.Conv1d(d_model, 2 * d_model, 1)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model)
+        self.norm: nn.Module = nn.BatchNorm1d(d_model) if norm == "batch" else nn.LayerNorm(d_model, eps=eps)
+        self.act = nn.SiLU()
+        self.pointwise2 = nn.Conv1d(d_model, d_model, 1)
+
+    def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:
+        """x [B, T, D]; ``pad`` [B, T] True at padded frames."""
+        y = nn.functional.glu(self.pointwise1(x.transpose(1, 2)), dim=1)  # [B, D, T]
+        if pad is not None:
+            y = y.masked_fill(pad[:, None, :], 0.0)
+        y = self.depthwise(y)
+        if isinstance(self.norm, nn.LayerNorm):
+            y = self.norm(y.transpose(1, 2)).transpose(1, 2)
+        else:
+            y = self.norm(y)
+        return self.pointwise2(self.act(y)).transpose(1, 2)
+
+
+class ConformerLayer(nn.Module):
+    """A Conformer block (Gulati et al. 2020): a macaron of two half-step feed-forwards
+    around self-attention and convolution, then a LayerNorm.
+
+    ``x + ½ FF(x)  ->  + MHSA  ->  + Conv  ->  + ½ FF  ->  LayerNorm``, each sub-block
+    pre-LayerNorm with a skip connection. Attention relates any two frames; the
+    convolution module sees a fixed neighbourhood, which is where most of the acoustic
+    detail is. The feed-forwards use SiLU (Swish), as the paper.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
+                 key_bias: bool, eps: float, activation_dropout: float = 0.0, rotary: bool = True,
+                 kernel_size: int = 15, conv_norm: str = "layer") -> None:
+        super().__init__()
+        self.ff1_norm = nn.LayerNorm(d_model, eps=eps)
+        self.ff1 = FeedForward(d_model, d_ff, activation_dropout, "silu")
+        self.attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias, rotary=rotary)
+        self.conv_norm = nn.LayerNorm(d_model, eps=eps)
+        self.conv = ConvolutionModule(d_model, kernel_size, conv_norm, eps)
+        self.ff2_norm = nn.LayerNorm(d_model, eps=eps)
+        self.ff2 = FeedForward(d_model, d_ff, activation_dropout, "silu")
+        self.out_norm = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, need_weights: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+        """``mask`` is the encoder's [B, 1, 1, T] key mask (True = real frame) or None."""
+        x = x + 0.5 * self.dropout(self.ff1(self.ff1_norm(x)))
+        y, weights = self.attn(self.attn_norm(x), mask=mask, need_weights=need_weights)
+        x = x + self.dropout(y)
+        pad = ~mask[:, 0, 0, :] if mask is not None else None
+        x = x + self.dropout(self.conv(self.conv_norm(x), pad))
+        x = x + 0.5 * self.dropout(self.ff2(self.ff2_norm(x)))
+        return self.out_norm(x), weights
 
 
 class DecoderLayer(nn.Module):

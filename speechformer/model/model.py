@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..frontend import LogMelFrontend, SpecAugment, WhisperFrontend
 from .attention import KVCache
 from .config import ModelConfig
-from .layers import (Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, Dropout, EncoderLayer,
+from .layers import (ConformerLayer, Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, Dropout, EncoderLayer,
                      LearnedPositions, SinusoidalPositions)
 
 
@@ -85,11 +85,17 @@ class SpeechTransformer(nn.Module):
             self.subsampling: nn.Module = Conv2dSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model)
         else:
             self.subsampling = Conv1dSubsampling(c.n_mels, c.d_model)
-        self.encoder_positions = SinusoidalPositions(c.max_source_positions, c.d_model,
-                                                     stored=c.encoder_positions == "stored")
+        rotary = c.encoder_positions == "rotary"
+        # rotary positions live inside the attention layers; nothing is added to the stream
+        self.encoder_positions: nn.Module = nn.Identity() if rotary else SinusoidalPositions(
+            c.max_source_positions, c.d_model, stored=c.encoder_positions == "stored")
         layer_args = (c.d_model, c.n_heads, c.d_ff, c.dropout, c.attention_dropout, c.activation, c.key_bias,
                       c.layer_norm_eps, c.activation_dropout)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(c.n_encoder_layers))
+        self.encoder_layers = nn.ModuleList(
+            ConformerLayer(c.d_model, c.n_heads, c.d_ff, c.dropout, c.attention_dropout, c.key_bias,
+                           c.layer_norm_eps, c.activation_dropout, rotary, c.conv_kernel_size, c.conv_norm)
+            if c.encoder == "conformer" else EncoderLayer(*layer_args, rotary=rotary)
+            for _ in range(c.n_encoder_layers))
         self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
 
         self.embedding = TokenEmbedding(c.vocab_size, c.d_model, c.embed_scale)
@@ -225,6 +231,12 @@ class SpeechTransformer(nn.Module):
         else:
             out["loss"] = att_loss
         return out
+
+    def ctc_log_probs(self, memory: Tensor) -> Tensor:
+        """CTC head: memory [B, T, D] -> per-frame log-probabilities [B, T, vocab] (float32)."""
+        if self.ctc is None:
+            raise ValueError("this model has no CTC head (Whisper models have none): use the attention decoder")
+        return self.ctc(memory).float().log_softmax(-1)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Everything before the memory: subsampling, encoder stack, final encoder norm."""

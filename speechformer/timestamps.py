@@ -1,0 +1,187 @@
+"""Word timestamps from a CTC forced alignment, and subtitles (SRT, WebVTT) from them.
+
+The decoded tokens are aligned to the CTC head's per-frame log-probabilities
+(:func:`torchaudio.functional.forced_align`: the single most likely frame path that spells
+exactly those tokens, blanks in between). Each token then owns the frames where the path
+emits it; sentencepiece pieces are grouped into words at the ``▁`` word-start marker, and
+frame indices become seconds through the frontend hop and the subsampling factor.
+
+CTC is *peaky*: a token often owns one or two frames, at or a little after where it is
+heard. Word starts are therefore accurate to a frame or two (40 ms each for the conv2d
+stem); word ends are where the last piece fires, which can be early for long words.
+Subtitle cues stay on screen until the next cue (at most ``hold`` seconds longer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+WORD_START = "\u2581"  # sentencepiece's word-start marker
+
+
+@dataclass
+class Word:
+    """One word with its start and end time in seconds from the start of the file."""
+
+    word: str
+    start: float
+    end: float
+    score: float = 0.0  # mean probability of the frames its pieces own on the path
+
+    def shifted(self, seconds: float) -> "Word":
+        return Word(self.word, self.start + seconds, self.end + seconds, self.score)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["start"], d["end"], d["score"] = round(self.start, 3), round(self.end, 3), round(self.score, 3)
+        return d
+
+
+@dataclass
+class FrameClock:
+    """Where encoder frame k sits in time: its centre is ``offset + k * stride`` seconds."""
+
+    stride: float
+    offset: float
+
+    @classmethod
+    def for_model(cls, model: Any) -> "FrameClock":
+        c = model.config
+        hop = model.frontend.hop_length / c.sample_rate  # 10 ms
+        if c.subsampling == "conv2d":
+            # two 3-wide stride-2 convolutions without padding: encoder frame k reads mel frames
+            # 4k .. 4k+6, centred on 4k+3; mel frame i is centred on i hops (the frontend pads half a window)
+            return cls(stride=4 * hop, offset=3 * hop)
+        # conv1d (Whisper): stride 2 with padding 1, frame k centred on mel frame 2k
+        return cls(stride=2 * hop, offset=0.0)
+
+    def start(self, frame: int) -> float:
+        return max(0.0, self.offset + (frame - 0.5) * self.stride)
+
+    def end(self, frame: int) -> float:
+        """End of the last frame of a span whose exclusive end is ``frame``."""
+        return self.offset + (frame - 0.5) * self.stride
+
+
+def align_tokens(log_probs: Tensor, tokens: Sequence[int], blank: int) -> list[tuple[int, int, float]]:
+    """Frames of each token on the best CTC path: ``(start, end, score)`` per token, end exclusive.
+
+    ``log_probs`` [T, V] of one utterance (its real frames only). Raises ``ValueError`` when
+    the tokens cannot be aligned (more frames needed than there are).
+    """
+    import torchaudio.functional as AF
+
+    if not tokens:
+        return []
+    repeats = sum(1 for a, b in zip(tokens, tokens[1:]) if a == b)
+    if len(tokens) + repeats > log_probs.shape[0]:
+        raise ValueError(f"{len(tokens)} tokens cannot be aligned to {log_probs.shape[0]} frames")
+    targets = torch.tensor([list(tokens)], dtype=torch.int32, device=log_probs.device)
+    path, scores = AF.forced_align(log_probs[None].float(), targets, blank=blank)
+    spans = AF.merge_tokens(path[0], scores[0].exp(), blank=blank)
+    if len(spans) != len(tokens):  # pragma: no cover - forced_align spells the targets exactly
+        raise ValueError("forced alignment returned a different number of tokens")
+    return [(s.start, s.end, float(s.score)) for s in spans]
+
+
+def group_words(pieces: Sequence[str], spans: Sequence[tuple[int, int, float]], clock: FrameClock,
+                duration: float | None = None) -> list[Word]:
+    """Sentencepiece pieces with frame spans -> words with times. A piece starting with
+    ``▁`` starts a word; the others continue the current one."""
+    words: list[Word] = []
+    current: list[int] = []
+
+    def flush() -> None:
+        if not current:
+            return
+        text = "".join(pieces[i] for i in current).replace(WORD_START, "").strip()
+        if text:
+            start = clock.start(spans[current[0]][0])
+            end = max(start, clock.end(spans[current[-1]][1]))
+            if duration is not None:
+                start, end = min(start, duration), min(end, duration)
+            score = sum(spans[i][2] for i in current) / len(current)
+            words.append(Word(text, start, end, score))
+        current.clear()
+
+    for i, piece in enumerate(pieces):
+        if piece.startswith(WORD_START) and current:
+            flush()
+        current.append(i)
+    flush()
+    return words
+
+
+def word_timestamps(log_probs: Tensor, tokens: Sequence[int], pieces: Sequence[str], blank: int,
+                    clock: FrameClock, duration: float | None = None) -> list[Word]:
+    """The words of ``tokens`` with times (seconds from the start of this audio).
+
+    If the tokens cannot be aligned (a hypothesis longer than the frames allow), the words
+    share the audio evenly, with score 0, rather than losing the text."""
+    try:
+        spans = align_tokens(log_probs, tokens, blank)
+    except ValueError:
+        total = duration if duration is not None else clock.end(log_probs.shape[0])
+        step = total / max(1, len(tokens))
+        plain = FrameClock(stride=step, offset=step / 2)
+        return [Word(w.word, w.start, w.end, 0.0) for w in
+                group_words(pieces, [(i, i + 1, 0.0) for i in range(len(tokens))], plain, duration)]
+    return group_words(pieces, spans, clock, duration)
+
+
+# ---------------------------------------------------------------------------- subtitles
+@dataclass
+class Cue:
+    start: float
+    end: float
+    text: str
+
+
+def words_to_cues(words: Sequence[Word], max_chars: int = 42, max_seconds: float = 5.0, max_gap: float = 1.0,
+                  hold: float = 1.0, duration: float | None = None) -> list[Cue]:
+    """Group words into subtitle cues: a new cue when the line would pass ``max_chars``
+    characters or ``max_seconds``, or after a pause longer than ``max_gap``. A cue stays up
+    until the next one starts, at most ``hold`` seconds after its last word, and never past
+    ``duration`` (the end of the audio)."""
+    groups: list[list[Word]] = []
+    for w in words:
+        if groups:
+            line = groups[-1]
+            text_len = sum(len(x.word) + 1 for x in line) + len(w.word)
+            if text_len <= max_chars and w.end - line[0].start <= max_seconds and w.start - line[-1].end <= max_gap:
+                line.append(w)
+                continue
+        groups.append([w])
+    cues = []
+    for i, line in enumerate(groups):
+        nxt = groups[i + 1][0].start if i + 1 < len(groups) else float("inf")
+        if duration is not None:
+            nxt = min(nxt, duration)
+        end = max(line[-1].end, min(line[-1].end + hold, nxt), line[0].start + 0.01)
+        if duration is not None:
+            end = min(end, duration)
+        cues.append(Cue(line[0].start, end, " ".join(w.word for w in line)))
+    return cues
+
+
+def _clock(seconds: float, sep: str) -> str:
+    ms = max(0, int(round(seconds * 1000)))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def format_srt(cues: Sequence[Cue]) -> str:
+    """SubRip: numbered cues, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, a blank line after each."""
+    return "".join(f"{i}\n{_clock(c.start, ',')} --> {_clock(c.end, ',')}\n{c.text}\n\n"
+                   for i, c in enumerate(cues, 1))
+
+
+def format_vtt(cues: Sequence[Cue]) -> str:
+    """WebVTT: a ``WEBVTT`` header, then cues with ``HH:MM:SS.mmm`` times."""
+    return "WEBVTT\n\n" + "".join(f"{_clock(c.start, '.')} --> {_clock(c.end, '.')}\n{c.text}\n\n" for c in cues)
