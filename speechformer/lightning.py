@@ -153,6 +153,8 @@ class SpeechModule(L.LightningModule):
     @torch.no_grad()
     def compute_feature_stats(self, dataset: Any) -> None:
         frontend = self.model.frontend
+        if getattr(dataset, "speed_perturb", None):  # statistics of the audio as recorded
+            dataset = type(dataset)(dataset.utts, None, dataset.sample_rate)
         n = min(len(dataset), self.stats_utterances)
         step = max(1, len(dataset) // n)
         total, total_sq, count = feature_sums(frontend, (dataset[i]["wav"] for i in range(0, step * n, step)))
