@@ -280,7 +280,7 @@ def test_cross_attention_of_a_trained_model_is_monotonic(tmp_path_factory):
     for r in report:
         # tolerance: 3 encoder frames (120 ms), a little less than a syllable
         assert r["max_back"] <= 3, r
-        assert r["peaks"][-1] - r["peaks"][0] >= r["frames"] // 3, r  # and they travel across the utterance
+        assert r["peaks"][-1] - r["peaks"][0] >= r["frames"] // 4, r  # and they travel through the utterance
 
 
 @pytest.mark.slow
