@@ -253,6 +253,7 @@ def test_explain_whisper_model(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- alignment of a trained model
 @pytest.mark.slow
+@needs_matplotlib
 def test_cross_attention_of_a_trained_model_is_monotonic(tmp_path_factory):
     """A tiny model trained on spoken digit sequences (docs/make_figures.py): its best-aligned
     head's peaks move forward through the audio, token by token."""
@@ -269,11 +270,19 @@ def test_cross_attention_of_a_trained_model_is_monotonic(tmp_path_factory):
     from speechformer.data import read_manifest
     from speechformer.explain import explain_waveform
 
+    # the whole command on the trained Lightning checkpoint: every promised file, sized right
+    utts = read_manifest(corpus / "test.jsonl")
+    ckpt = work / "exp" / "tiny.ckpt"
+    assert main(["explain", "--model", str(ckpt), str(utts[0].audio), "--out", str(work / "explain"),
+                 "--device", "cpu"]) == 0
+    check_explain_output(work / "explain", ckpt, utts[0].audio, -1)
+
     bundle = load_model(model_dir)
     report = []
-    for utt in read_manifest(corpus / "test.jsonl"):
+    for utt in utts:
         exp = explain_waveform(bundle, load_audio(utt.audio, 16000))
         layer, head = exp.best_head
+        assert exp.spoken, exp.transcript
         peaks = exp.cross[layer, head, exp.spoken].argmax(-1)
         frames = exp.cross.shape[-1]
         report.append({"id": utt.id, "text": utt.text, "hyp": exp.transcript, "head": exp.best_head,
