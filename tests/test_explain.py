@@ -256,7 +256,12 @@ def test_explain_whisper_model(tmp_path, capsys):
 @needs_matplotlib
 def test_cross_attention_of_a_trained_model_is_monotonic(tmp_path_factory):
     """A tiny model trained on spoken digit sequences (docs/make_figures.py): its best-aligned
-    head's peaks move forward through the audio, token by token."""
+    head's peaks move forward through the audio, token by token.
+
+    Measured: every one of the 8 test utterances stepped back 0 frames (5 of 8 transcripts right);
+    the run takes about 8 minutes on 2 busy CPU cores (training is most of it). The overfit_model
+    fixture (8 memorised utterances) was tried first: its heads align nothing (scores 0.01-0.11,
+    steps back of 35-64 frames), as a model that memorises needs no alignment."""
     figures = load_script(ROOT / "docs" / "make_figures.py", "make_figures")
     synthetic = figures.load_synthetic()
     try:
