@@ -69,12 +69,14 @@ def digit_corpus(out: Path, num_train: int = 200, num_test: int = 8, seed: int =
     return out
 
 
-def train_tiny_model(corpus: Path, exp: Path, epochs: int = 20, seed: int = 0) -> Path:
+def train_tiny_model(corpus: Path, exp: Path, epochs: int = 30, seed: int = 0) -> Path:
     """Train a tiny transformer on the digit corpus; returns the exported model folder.
 
     Sized for alignment per CPU-second: one decoder layer, small batches (many updates), CTC
     weight 0.5 (it teaches the encoder to localise each word, which the cross-attention then
-    finds). Its cross-attention was seen to become monotonic after about 500-700 updates."""
+    finds). Measured on the 8 test utterances: after 18 epochs one utterance's best head still
+    stepped back 11 frames; after 30 (about 8 minutes on 2 busy CPU cores) none stepped back more
+    than 3, though only 5 of 8 transcripts were right."""
     import lightning as L
 
     from speechformer.data import SpeechDataModule, read_manifest
@@ -109,7 +111,7 @@ def speak(text: str, out: Path, seed: int = 1) -> Path:
     syn = load_synthetic()
     backend = syn.make_backend(syn.find_backend())
     plan = syn.UtterancePlan(split="test", utt_id="figure", text=text, spoken=text, voice=syn.HELD_OUT[0],
-                             variant=syn.HELD_OUT[1], rate=150, pitch=50, lead_s=0.15, trail_s=0.15, noise="white",
+                             variant=syn.HELD_OUT[1], rate=180, pitch=50, lead_s=0.15, trail_s=0.15, noise="white",
                              snr_db=35.0, peak=0.8, noise_seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     soundfile.write(out, syn.render(plan, backend), syn.SAMPLE_RATE, subtype="PCM_16")

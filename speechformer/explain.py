@@ -107,6 +107,7 @@ class Explanation:
     top: list[list[tuple[int, str, float]]]  # per step: (id, piece, probability), best first
     best_head: tuple[int, int]  # (decoder layer, head) that aligns best
     head_scores: np.ndarray  # [layers, heads], see alignment_scores
+    spoken: list[int] = field(default_factory=list)  # token rows with a sound of their own (scored)
     outside_mass: float = 0.0  # Whisper: mean cross-attention mass on frames past the audio
     agrees_with_greedy: bool = True  # teacher-forced argmax == greedy's token at every transcript step
     ended_by_length_cap: bool = False  # greedy stopped at its length cap, not on the end token
@@ -114,11 +115,11 @@ class Explanation:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def alignment_scores(cross: np.ndarray, n_text: int | None = None) -> np.ndarray:
+def alignment_scores(cross: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
     """How well each head aligns tokens to frames: ``[layers, heads]``, in [0, 1], higher is better.
 
-    The score is *sharpness* times *order*, over the transcript's tokens (``n_text``, default
-    all; the end token is not spoken, so callers leave it out):
+    The score is *sharpness* times *order*, over the token rows ``rows`` (default all; callers
+    pass the spoken tokens: the end token and punctuation have no sound of their own):
 
     * sharpness: the mean, over tokens, of the largest attention weight (1.0 = each token
       looks at a single frame);
@@ -128,10 +129,10 @@ def alignment_scores(cross: np.ndarray, n_text: int | None = None) -> np.ndarray
       (tau 0: its peaks are all tied).
     """
     layers, heads, tokens, frames = cross.shape
-    n = tokens if n_text is None else min(n_text, tokens)
+    text = cross if rows is None else cross[:, :, list(rows)]
+    n = text.shape[2]
     if n == 0 or frames == 0:
         return np.zeros((layers, heads))
-    text = cross[:, :, :n]
     sharpness = text.max(-1).mean(-1)
     if n == 1:
         return sharpness
@@ -212,7 +213,9 @@ def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, 
     cross = full[..., :n_enc]
     outside = float(full[..., n_enc:].sum(-1).mean()) if full.shape[-1] > n_enc else 0.0
     cross_np = cross.cpu().numpy()
-    scores = alignment_scores(cross_np, len(hyp.tokens))
+    # the tokens that stand for sound: letters or digits (not the end token, not punctuation)
+    spoken = [i for i, t in enumerate(hyp.tokens) if any(ch.isalnum() for ch in tokenizer.decode([t]))]
+    scores = alignment_scores(cross_np, spoken)
     best = np.unravel_index(int(scores.argmax()), scores.shape)
     encoder = enc_maps[0][0][0, :, :n_enc, :n_enc].cpu().numpy()
     return Explanation(
@@ -222,7 +225,7 @@ def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, 
         encoder_frame_seconds=hop * c.subsampling_factor / c.sample_rate,
         cross=cross_np, encoder_layer=encoder_layer, encoder=encoder,
         probs=probs.gather(1, chosen[:, None])[:, 0].cpu().numpy(), top=top,
-        best_head=(int(best[0]), int(best[1])), head_scores=scores, outside_mass=outside,
+        best_head=(int(best[0]), int(best[1])), head_scores=scores, spoken=spoken, outside_mass=outside,
         agrees_with_greedy=bool((probs[:-1].argmax(-1) == chosen[:-1]).all()),
         ended_by_length_cap=int(probs[-1].argmax()) != rules.eos_id,
         duration=wav.shape[1] / c.sample_rate,
@@ -311,6 +314,7 @@ def write_explanation(exp: Explanation, out_dir: str | Path, title: str = "utter
         "best_head": {"layer": bl, "head": bh, "score": round(float(exp.head_scores[bl, bh]), 4)},
         "head_scores": np.round(exp.head_scores, 4).tolist(),
         "best_head_peaks": peak_frames(exp.cross[bl, bh]).tolist(),
+        "spoken_tokens": exp.spoken,
         "attention_past_audio": round(exp.outside_mass, 4),
         "teacher_forced_argmax_equals_greedy": exp.agrees_with_greedy,
         "ended_by_length_cap": exp.ended_by_length_cap,
