@@ -258,8 +258,11 @@ def test_cross_attention_of_a_trained_model_is_monotonic(tmp_path_factory):
     """A tiny model trained on spoken digit sequences (docs/make_figures.py): its best-aligned
     head's peaks move forward through the audio, token by token.
 
-    Measured: every one of the 8 test utterances stepped back 0 frames (5 of 8 transcripts right);
-    the run takes about 8 minutes on 2 busy CPU cores (training is most of it). The overfit_model
+    Measured: in the helper's run every one of the 8 test utterances stepped back 0 frames; on a
+    fresh clone (other thread timing, so other weights) the worst steps back were 0, 0, 6, 0, 0, 0,
+    0, 10 frames. Hence the tolerance of 12 encoder frames (0.48 s): far below what a model that
+    does not align shows (35-64 frames, below), above the run-to-run spread of a tiny model.
+    The run takes about 8 minutes on 2 busy CPU cores (training is most of it). The overfit_model
     fixture (8 memorised utterances) was tried first: its heads align nothing (scores 0.01-0.11,
     steps back of 35-64 frames), as a model that memorises needs no alignment."""
     figures = load_script(ROOT / "docs" / "make_figures.py", "make_figures")
@@ -295,8 +298,8 @@ def test_cross_attention_of_a_trained_model_is_monotonic(tmp_path_factory):
                        "frames": frames, "max_back": int(backward_jumps(peaks).max())})
     print(json.dumps(report, indent=1))
     for r in report:
-        # tolerance: 3 encoder frames (120 ms), a little less than a syllable
-        assert r["max_back"] <= 3, r
+        # tolerance: 12 encoder frames (0.48 s, about two digits' syllables); see the docstring
+        assert r["max_back"] <= 12, r
         assert r["peaks"][-1] - r["peaks"][0] >= r["frames"] // 4, r  # and they travel through the utterance
 
 
