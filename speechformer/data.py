@@ -290,8 +290,8 @@ class DurationBatchSampler(Sampler[list[int]]):
 
     Utterances are shuffled, cut into buckets of ``bucket_size`` batches' worth, sorted
     by duration inside each bucket and packed greedily so that (longest in batch) x
-    (count) <= ``max_seconds``: little padding, bounded memory. The batch order is then
-    shuffled. Every rank builds the identical list (same seed and epoch) and takes every
+    (count) <= ``max_seconds``: little padding, bounded memory. The batches are made once
+    (seed only), so every epoch has the same number; each epoch shuffles their order. Every rank builds the identical list (same seed and epoch) and takes every
     ``num_replicas``-th batch; if the count does not divide evenly, the largest batches
     are split in two until it does, so every rank gets the same number of batches and
     every utterance is seen exactly once per epoch.
@@ -334,7 +334,11 @@ class DurationBatchSampler(Sampler[list[int]]):
         return self
 
     def _all_batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed * 100_003 + self.epoch)
+        # The batches themselves are made once (seeded by ``seed`` only); each epoch shuffles their
+        # order. Lightning counts an epoch's batches once, at the start of training, and runs the
+        # end-of-epoch validation when that count is reached: batches re-packed every epoch came
+        # out one more or one fewer, and validation silently skipped those epochs.
+        rng = random.Random(self.seed * 100_003)
         order = list(range(len(self.durations)))
         if self.shuffle:
             rng.shuffle(order)
@@ -362,7 +366,7 @@ class DurationBatchSampler(Sampler[list[int]]):
             big = batches.pop(j)
             batches[j:j] = [big[:len(big) // 2], big[len(big) // 2:]]
         if self.shuffle:
-            rng.shuffle(batches)
+            random.Random(self.seed * 100_003 + 1 + self.epoch).shuffle(batches)
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -242,3 +242,20 @@ def test_lightning_hands_the_epoch_to_the_batch_sampler():
     loader = DataLoader(list(range(50)), batch_sampler=sampler)
     _set_sampler_epoch(loader, 4)  # what Lightning's fit loop calls at the start of each epoch
     assert sampler.epoch == 4
+
+
+def test_every_epoch_has_the_same_number_of_batches():
+    """Lightning counts the batches of an epoch once; an epoch with one batch fewer skipped its
+    validation (seen in the synthetic recipe). Batches are made once, their order reshuffled."""
+    rng = random.Random(3)
+    durations = [rng.uniform(0.5, 12.0) for _ in range(997)]
+    # small buckets: re-packing them every epoch gave 229-234 batches (checked against the old sampler)
+    s = DurationBatchSampler(durations, max_seconds=40.0, seed=1, bucket_size=3)
+    counts, orders = set(), []
+    for epoch in range(6):
+        s.set_epoch(epoch)
+        batches = list(s)
+        counts.add(len(batches))
+        assert len(batches) == len(s)
+        orders.append(batches)
+    assert len(counts) == 1 and orders[0] != orders[1]
