@@ -9,6 +9,8 @@
 # archive); the split is documented in speechformer/prepare/ljspeech.py. Every stage is one command.
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source-path=SCRIPTDIR
+source ../common/stages.sh   # log, run_stage, common_option and the stage_* commands
 
 stage=0
 stop_stage=100
@@ -23,23 +25,17 @@ jobs=8
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --stage) stage=$2; shift 2 ;;
-    --stop-stage|--stop_stage) stop_stage=$2; shift 2 ;;
     --corpus) corpus=$2; shift 2 ;;
     --config) config=$2; shift 2 ;;
     --vocab-size) vocab_size=$2; shift 2 ;;
     --beam-size) beam_size=$2; shift 2 ;;
     --num-average) num_average=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) common_option "$@"; shift 2 ;;   # --stage, --stop-stage, --help
   esac
 done
 
 exp=exp/$(basename "$config" .yaml)
-log() { echo "[$(date +%H:%M:%S)] $*"; }
-run_stage() { [[ $stage -le $1 && $stop_stage -ge $1 ]]; }
-start=$(date +%s)
 
 if run_stage 0; then
   [[ -n $corpus ]] || { echo "run.sh: stage 0 needs --corpus DIR (the folder holding metadata.csv and wavs/)" >&2; exit 2; }
@@ -49,38 +45,28 @@ fi
 
 if run_stage 1; then
   log "stage 1: BPE tokenizer ($vocab_size pieces)"
-  speechformer tokenizer train --manifest "$data/train.jsonl" --vocab-size "$vocab_size" --out "$exp/tokenizer"
+  stage_tokenizer "$data/train.jsonl"
 fi
 
 if run_stage 2; then
   log "stage 2: global feature mean/variance"
-  speechformer compute-stats "$data/train.jsonl" --out "$exp/feature_stats.json" \
-    --max-utterances "$stats_utterances" --jobs "$jobs"
+  stage_stats "$data/train.jsonl"
 fi
 
 if run_stage 3; then
   log "stage 3: training $config (resumes from $exp/checkpoints/last.ckpt if present)"
-  speechformer fit --config "$config" \
-    --data.train_manifest "$data/train.jsonl" --data.valid_manifest "$data/valid.jsonl" \
-    --data.tokenizer "$exp/tokenizer" --model.feature_stats "$exp/feature_stats.json" \
-    --trainer.default_root_dir "$exp" --ckpt_path last
+  stage_fit "$data/train.jsonl" "$data/valid.jsonl" --model.feature_stats "$exp/feature_stats.json"
 fi
 
 if run_stage 4; then
   log "stage 4: average the best $num_average checkpoints, export an inference directory"
-  speechformer average --ckpt-dir "$exp/checkpoints" --num "$num_average" --out "$exp/averaged.ckpt"
-  speechformer export --model "$exp/averaged.ckpt" --out "$exp/model"
+  stage_average_export
 fi
 
 if run_stage 5; then
   for set in valid test; do
     log "stage 5: evaluate $set (beam $beam_size)"
-    speechformer evaluate --model "$exp/model" --manifest "$data/$set.jsonl" --beam-size "$beam_size" \
-      --out "$exp/eval_$set" --name "$set" --quiet > "$exp/eval_$set.log"
+    stage_evaluate "$exp/model" "$data/$set.jsonl" "$set"
   done
-  echo
-  echo "WER of $exp/model (beam $beam_size); reports in $exp/eval_*/"
-  head -n 2 "$exp/eval_valid.log"
-  for set in valid test; do sed -n 3p "$exp/eval_$set.log"; done
-  echo "total time: $(( $(date +%s) - start )) s"
+  print_wer_table "WER of $exp/model (beam $beam_size); reports in $exp/eval_*/" valid test
 fi

@@ -10,6 +10,8 @@
 # Every stage is one command a user could type; this script only strings them together.
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source-path=SCRIPTDIR
+source ../common/stages.sh   # log, run_stage, common_option and the stage_* commands
 
 stage=0
 stop_stage=100
@@ -24,21 +26,14 @@ num_average=1            # still improving fast at the end: averaging earlier ep
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --stage) stage=$2; shift 2 ;;
-    --stop-stage|--stop_stage) stop_stage=$2; shift 2 ;;
     --config) config=$2; shift 2 ;;
     --exp) exp=$2; shift 2 ;;
     --num-train) num_train=$2; shift 2 ;;
     --beam-size) beam_size=$2; shift 2 ;;
     --decoder) decoder=$2; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) common_option "$@"; shift 2 ;;   # --stage, --stop-stage, --help
   esac
 done
-
-log() { echo "[$(date +%H:%M:%S)] $*"; }
-run_stage() { [[ $stage -le $1 && $stop_stage -ge $1 ]]; }
-start=$(date +%s)
 
 if run_stage 0; then
   log "stage 0: synthetic spoken corpus -> $data"
@@ -47,28 +42,23 @@ fi
 
 if run_stage 1; then
   log "stage 1: BPE tokenizer ($vocab_size pieces)"
-  speechformer tokenizer train --manifest "$data/train.jsonl" --vocab-size "$vocab_size" --out "$exp/tokenizer"
+  stage_tokenizer "$data/train.jsonl"
 fi
 
 if run_stage 2; then
   log "stage 2: training (resumes from $exp/checkpoints/last.ckpt if present)"
-  speechformer fit --config "$config" \
-    --data.train_manifest "$data/train.jsonl" --data.valid_manifest "$data/valid.jsonl" \
-    --data.tokenizer "$exp/tokenizer" --trainer.default_root_dir "$exp" \
-    --ckpt_path last
+  stage_fit "$data/train.jsonl" "$data/valid.jsonl"
 fi
 
 if run_stage 3; then
   log "stage 3: average the best $num_average checkpoints, export an inference directory"
-  speechformer average --ckpt-dir "$exp/checkpoints" --num "$num_average" --out "$exp/averaged.ckpt"
-  speechformer export --model "$exp/averaged.ckpt" --out "$exp/model"
+  stage_average_export
 fi
 
 if run_stage 4; then
   for set in valid test; do
     log "stage 4: evaluate $set ($decoder, beam $beam_size)"
-    speechformer evaluate --model "$exp/model" --manifest "$data/$set.jsonl" --beam-size "$beam_size" \
-      --decoder "$decoder" --out "$exp/eval_$set" --name "$set" --quiet > "$exp/eval_$set.log"
+    stage_evaluate "$exp/model" "$data/$set.jsonl" "$set" --decoder "$decoder"
   done
 fi
 
@@ -79,9 +69,5 @@ if run_stage 5; then
 fi
 
 if run_stage 4; then
-  echo
-  echo "WER of $exp/model ($decoder, beam $beam_size); reports in $exp/eval_*/"
-  head -n 2 "$exp/eval_valid.log"
-  for set in valid test; do sed -n 3p "$exp/eval_$set.log"; done
-  echo "total time: $(( $(date +%s) - start )) s"
+  print_wer_table "WER of $exp/model ($decoder, beam $beam_size); reports in $exp/eval_*/" valid test
 fi

