@@ -5,9 +5,9 @@ place; when that folder is on another filesystem (``/tmp`` on tmpfs, checkpoints
 network disk) the move is a copy, and a job killed during the copy leaves a truncated
 ``last.ckpt``. :class:`AtomicCheckpointIO` writes the temporary file *next to* the target,
 flushes it to disk (``fsync``), then renames it over the old file: a reader sees the old
-checkpoint or the new one, never half of one, whatever moment the process dies.
-A full disk raises :class:`CheckpointWriteError` naming the file, and the previous
-checkpoint is left as it was.
+checkpoint or the new one, never half of one, whatever moment the process dies
+(:func:`speechformer.atomic.atomic_write`). A full disk raises :class:`CheckpointWriteError`
+naming the file, and the previous checkpoint is left as it was.
 
 Reading uses ``torch.load(..., weights_only=True)``: a checkpoint is data, and a file
 that would need to run code to load (a pickle with a payload) is refused.
@@ -15,9 +15,7 @@ that would need to run code to load (a pickle with a payload) is refused.
 
 from __future__ import annotations
 
-import errno
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +24,22 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .atomic import atomic_write
+
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the message names it and says what was kept."""
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file in the target's folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """``torch.save`` through :func:`~speechformer.atomic.atomic_write`; failures raise
+    :class:`CheckpointWriteError`."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = f"the previous {path.name} is intact" if path.exists() else "no earlier file was there"
-            raise CheckpointWriteError(
-                err.errno, f"{path}: no space left on the device while writing the checkpoint ({kept}); "
-                "free some space (or point the checkpoint dirpath elsewhere) and re-run with --ckpt_path last"
-            ) from err
-        raise
 
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, write, error=CheckpointWriteError,
+                 rerun="re-run with --ckpt_path last (or point the checkpoint dirpath elsewhere)")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -80,6 +80,7 @@ def cmd_average(args: argparse.Namespace) -> int:
     """Average the weights of the best N checkpoints (by validation WER)."""
     import torch
 
+    from .atomic import atomic_write
     from .transcribe import load_checkpoint
 
     paths = [Path(p) for p in args.checkpoints]
@@ -108,10 +109,7 @@ def cmd_average(args: argparse.Namespace) -> int:
     meta = dict(first["speechformer"])
     meta["source"] = "average of " + ", ".join(p.name for p in chosen)
     out = {"state_dict": averaged, "speechformer": meta}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(args.out) + ".tmp")
-    torch.save(out, tmp)
-    tmp.replace(args.out)
+    atomic_write(args.out, lambda tmp: torch.save(out, tmp))
     print(f"average: {len(chosen)} checkpoint(s) -> {args.out}")
     for p in chosen:
         print(f"  {p}")
@@ -165,6 +163,7 @@ def _expand_inputs(items: Sequence[str]) -> list[Path]:
 
 
 SUBTITLE_FORMATS = ("srt", "vtt")
+RERUN_RESUME = "re-run with --resume"  # a full disk mid-run: the finished files are kept
 
 
 def _subtitles(result, fmt: str) -> str:  # type: ignore[no-untyped-def]
@@ -213,8 +212,8 @@ def _transcribe_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe; with --output/--output-dir every finished file is journalled at once, so a
     killed run re-run with --resume only decodes what is missing."""
+    from .atomic import atomic_write_text
     from .outputs import TranscriptJournal, output_names
-    from .transcribe import atomic_write_text
 
     items, from_files = _transcribe_items(args)
     subtitles = args.format in SUBTITLE_FORMATS
@@ -248,9 +247,10 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         if args.output_dir:
             out = Path(args.output_dir) / names[result.key]
             if subtitles:
-                atomic_write_text(out.with_name(f"{out.name}.{args.format}"), _subtitles(result, args.format))
+                atomic_write_text(out.with_name(f"{out.name}.{args.format}"), _subtitles(result, args.format),
+                                  rerun=RERUN_RESUME)
             else:
-                atomic_write_text(out.with_name(out.name + ".txt"), result.text + "\n")
+                atomic_write_text(out.with_name(out.name + ".txt"), result.text + "\n", rerun=RERUN_RESUME)
         if journal is not None:
             journal.record(result)
 
@@ -261,7 +261,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if not (subtitles and len(items) > 1):
         text = _format_results(results, args.format)
         if to_file:
-            atomic_write_text(args.output, text)
+            atomic_write_text(args.output, text, rerun=RERUN_RESUME)
         else:
             sys.stdout.write(text)
     if journal is not None:

@@ -47,7 +47,8 @@ from torch import Tensor
 from .audio import load_audio
 from .decoding import DecodeOptions, _Suppressor, greedy_decode
 from .model import MultiHeadAttention, SpeechTransformer
-from .transcribe import ModelBundle, atomic_write_text, load_model
+from .atomic import atomic_write_text
+from .transcribe import ModelBundle, load_model
 
 NEED_WEIGHTS_ARG = 6  # position of ``need_weights`` in MultiHeadAttention.forward(x, source, mask, ...)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import jiwer
 
+from speechformer.atomic import atomic_write_text
 from speechformer.text import normalize_text
 
 __all__ = ["EvalReport", "UtteranceScore", "format_summary", "score", "write_report"]
@@ -184,26 +184,6 @@ def score(
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder + os.replace.
-
-    A reader (or a crashed run) never sees a half-written report.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _json_number(x: float, digits: int) -> float | None:
     return round(x, digits) if math.isfinite(x) else None
 
@@ -248,7 +228,7 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike[str]) -> dict[st
         "deletions": report.deletions,
         "insertions": report.insertions,
     }
-    _write_atomic(paths["summary"], json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(paths["summary"], json.dumps(summary, indent=2) + "\n")
 
     header = "id\treference\thypothesis\terrors\tsub\tdel\tins\tref_words"
     rows = [
@@ -266,7 +246,7 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike[str]) -> dict[st
         )
         for u in sorted(report.utterances, key=lambda u: (-u.errors, u.id))
     ]
-    _write_atomic(paths["utterances"], _lines([header, *rows]))
+    atomic_write_text(paths["utterances"], _lines([header, *rows]))
 
     err_lines = ["# substitutions: ref -> hyp  count"]
     err_lines += [f"{r} -> {h}  {c}" for r, h, c in report.top_substitutions]
@@ -274,7 +254,7 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike[str]) -> dict[st
     err_lines += [f"{w}  {c}" for w, c in report.top_deletions]
     err_lines += ["", "# insertions: hyp  count"]
     err_lines += [f"{w}  {c}" for w, c in report.top_insertions]
-    _write_atomic(paths["errors"], _lines(err_lines))
+    atomic_write_text(paths["errors"], _lines(err_lines))
     return paths
 
 

@@ -13,12 +13,9 @@ compresses too well (a repetition loop) is cut back to where the loop began.
 
 from __future__ import annotations
 
-import errno
 import gzip
 import json
-import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .atomic import atomic_write, atomic_write_text
 from .audio import AudioError, audio_info, load_audio, split_long_audio
 from .decoding import DecodeOptions, Hypothesis, decode
 from .model import ModelConfig, SpeechTransformer
@@ -100,8 +98,7 @@ def export_model(bundle: ModelBundle, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
-    save_file(state, str(out / (WEIGHTS_FILE + ".tmp")))
-    _publish(out / (WEIGHTS_FILE + ".tmp"), out / WEIGHTS_FILE)
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     if bundle.tokenizer is not None:
         bundle.tokenizer.save(out)
     meta = {"format": "speechformer", "model": bundle.model.config.to_dict(),
@@ -109,39 +106,6 @@ def export_model(bundle: ModelBundle, out_dir: str | Path) -> Path:
             "val_wer": bundle.meta.get("val_wer"), "source": bundle.meta.get("source")}
     atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return out
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _publish(Path(tmp), path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
-            raise OSError(err.errno, f"{path}: no space left on the device ({kept}); free some space and "
-                                     "re-run (transcribe: with --resume)") from err
-        raise
-
-
-def _read_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()  # read once at import: flipping it later would race with other threads
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Give a finished temporary file the usual permissions (mkstemp makes it 0600), then rename it."""
-    os.chmod(tmp, 0o666 & ~_UMASK)
-    os.replace(tmp, path)
 
 
 @dataclass

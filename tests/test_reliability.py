@@ -422,15 +422,41 @@ def test_every_kind_of_bad_audio_in_one_batch_is_reported_and_the_rest_transcrib
 
 
 def test_a_full_disk_while_writing_an_output_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
-    from speechformer import transcribe
+    from speechformer import atomic
 
     out = tmp_path / "out.txt"
-    transcribe.atomic_write_text(out, "old\n")
+    atomic.atomic_write_text(out, "old\n")
 
     def full(tmp, path):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(transcribe, "_publish", full)
-    with pytest.raises(OSError, match=r"out.txt: no space left on the device \(the previous out.txt is intact\)"):
-        transcribe.atomic_write_text(out, "new\n")
+    monkeypatch.setattr(atomic, "_publish", full)
+    with pytest.raises(OSError, match=r"out.txt: no space left on the device \(the previous out.txt is intact\); "
+                                      r"free some space and re-run with --resume"):
+        atomic.atomic_write_text(out, "new\n", rerun="re-run with --resume")
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_write_failures_keep_the_previous_file_and_say_so(tmp_path):
+    from speechformer.atomic import atomic_write
+
+    out = tmp_path / "stats.json"
+    atomic_write(out, lambda tmp: tmp.write_text("old"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "not the permissions a plain open() would give"
+
+    def half_then(err):  # type: ignore[no-untyped-def]
+        def write(tmp):  # type: ignore[no-untyped-def]
+            tmp.write_text("half")
+            raise err
+        return write
+
+    with pytest.raises(ValueError, match="not serialisable"):  # not an OSError: raised as it was
+        atomic_write(out, half_then(ValueError("not serialisable")))
+    with pytest.raises(PermissionError, match=r"stats.json: cannot be written: denied \(the previous stats.json is "
+                                              r"intact\)"):
+        atomic_write(out, half_then(PermissionError(errno.EACCES, "denied")))
+    with pytest.raises(OSError, match=r"new.json: no space left on the device \(nothing was written\)"):
+        atomic_write(tmp_path / "new.json", half_then(OSError(errno.ENOSPC, "No space left on device")))
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["stats.json"]

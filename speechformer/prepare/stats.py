@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..data import SpeechDataset, read_manifest
 from ..frontend import LogMelFrontend, feature_sums
 from . import PrepareError
@@ -58,12 +59,7 @@ def compute_stats(manifest: str | Path, sample_rate: int = 16000, n_mels: int = 
 
 
 def write_stats(stats: dict[str, Any], out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return atomic_write_text(out, json.dumps(stats, indent=1) + "\n")
 
 
 def load_feature_stats(path: str | Path, frontend: LogMelFrontend) -> None:
