@@ -9,8 +9,9 @@ checkpoint or the new one, never half of one, whatever moment the process dies
 (:func:`speechformer.atomic.atomic_write`). A full disk raises :class:`CheckpointWriteError`
 naming the file, and the previous checkpoint is left as it was.
 
-Reading uses ``torch.load(..., weights_only=True)``: a checkpoint is data, and a file
-that would need to run code to load (a pickle with a payload) is refused.
+Reading uses :func:`speechformer.transcribe.load_checkpoint` (``torch.load(...,
+weights_only=True)``), as inference does: a checkpoint is data, and a file that would need to
+run code to load (a pickle with a payload) is refused with a message naming it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from . import transcribe
 from .atomic import atomic_write
 
 
@@ -56,9 +58,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint {path} not found")
-        return torch.load(path, map_location=map_location or (lambda storage, loc: storage), weights_only=True)
+        return transcribe.load_checkpoint(path, map_location=map_location or "cpu")  # always weights_only
 
 
 class ResumeCheckpoint(ModelCheckpoint):

@@ -47,12 +47,16 @@ class ModelBundle:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` restricted to tensors and plain types: a checkpoint cannot run code."""
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load`` restricted to tensors and plain types: a checkpoint cannot run code.
+
+    The one checkpoint reader: ``speechformer average``/``export``/``transcribe`` and
+    Lightning's resume (:class:`speechformer.checkpoint.AtomicCheckpointIO`) all use it.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling refusal or corruption
         raise ValueError(f"{path}: not a loadable speechformer checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); only tensors and plain types "

@@ -265,8 +265,12 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused_by_resume(tmp_path):
 
     bad = tmp_path / "bad.ckpt"
     torch.save({"state_dict": {}, "x": Payload()}, bad)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"bad.ckpt: not a loadable speechformer checkpoint \(UnpicklingError.*only "
+                                         r"tensors and plain types are accepted") as refused:
         AtomicCheckpointIO().load_checkpoint(bad)
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*missing.ckpt not found"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
     assert not (tmp_path / "pwned").exists()
 
 
