@@ -136,6 +136,21 @@ def test_conformer_trains_and_gradients_reach_every_parameter():
     assert float(loss) < 0.5 * first
 
 
+def test_sinusoidal_plus_rotary_adds_the_table_and_rotates_the_lookups():
+    """`sinusoidal+rotary`: rotary offsets inside self-attention, and absolute sinusoids added to
+    the encoder's input, so the memory the decoder reads still says where each frame is."""
+    both = SpeechTransformer(conformer_config(encoder_positions="sinusoidal+rotary"))
+    rotary = SpeechTransformer(conformer_config())
+    assert all(layer.attn.rotary is not None for layer in both.encoder_layers)
+    assert all(layer.attn.rotary is not None for layer in rotary.encoder_layers)
+    x = torch.zeros(1, 10, 32)
+    assert torch.equal(rotary.encoder_positions(x), x)  # rotary alone adds nothing to the stream
+    added = both.encoder_positions(x)[0]
+    assert not torch.equal(added, x[0]) and len({tuple(r.tolist()) for r in added}) == 10  # one row per frame
+    with pytest.raises(ValueError, match="encoder_positions"):
+        conformer_config(encoder_positions="relative")
+
+
 def test_conformer_config_is_checked_and_counted():
     with pytest.raises(ValueError, match="conv_kernel_size"):
         conformer_config(conv_kernel_size=4)

@@ -48,7 +48,10 @@ class ModelConfig:
     activation: Literal["relu", "gelu"] = "relu"
     decoder_positions: Literal["sinusoidal", "learned"] = "sinusoidal"
     # stored: the checkpoint's rounded table; rotary: RoPE on the encoder's queries and keys
-    encoder_positions: Literal["sinusoidal", "stored", "rotary"] = "sinusoidal"
+    # (relative offsets only); sinusoidal+rotary: both, so the memory also carries where each
+    # frame is, which the decoder's cross-attention can use to align (faster to train, see
+    # recipes/synthetic/README.md)
+    encoder_positions: Literal["sinusoidal", "stored", "rotary", "sinusoidal+rotary"] = "sinusoidal"
     embed_scale: bool = True  # multiply token embeddings by sqrt(d_model) before adding positions
     key_bias: bool = True  # Whisper has no bias on the key projection
     layer_norm_eps: float = 1e-5
@@ -88,11 +91,19 @@ class ModelConfig:
             raise ValueError(f"model config: conv_kernel_size must be odd and positive, got {self.conv_kernel_size}")
         if self.conv_norm not in ("layer", "batch"):
             raise ValueError(f"model config: conv_norm must be layer or batch, got {self.conv_norm!r}")
-        if self.encoder_positions == "rotary" and (self.d_model // self.n_heads) % 2:
+        if self.encoder_positions not in ("sinusoidal", "stored", "rotary", "sinusoidal+rotary"):
+            raise ValueError(f"model config: encoder_positions must be sinusoidal, stored, rotary or "
+                             f"sinusoidal+rotary, got {self.encoder_positions!r}")
+        if self.rotary and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"model config: rotary positions need an even head size, got "
                              f"d_model / n_heads = {self.d_model // self.n_heads}")
         if self.ctc_weight > 0 and not self.ctc_head:
             raise ValueError("model config: ctc_weight > 0 needs ctc_head: true")
+
+    @property
+    def rotary(self) -> bool:
+        """Whether the encoder's self-attention rotates queries and keys by position."""
+        return self.encoder_positions.endswith("rotary")
 
     @property
     def subsampling_factor(self) -> int:

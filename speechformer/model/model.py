@@ -85,9 +85,9 @@ class SpeechTransformer(nn.Module):
             self.subsampling: nn.Module = Conv2dSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model)
         else:
             self.subsampling = Conv1dSubsampling(c.n_mels, c.d_model)
-        rotary = c.encoder_positions == "rotary"
-        # rotary positions live inside the attention layers; nothing is added to the stream
-        self.encoder_positions: nn.Module = nn.Identity() if rotary else SinusoidalPositions(
+        rotary = c.rotary
+        # rotary positions live inside the attention layers: alone, nothing is added to the stream
+        self.encoder_positions: nn.Module = nn.Identity() if c.encoder_positions == "rotary" else SinusoidalPositions(
             c.max_source_positions, c.d_model, stored=c.encoder_positions == "stored")
         layer_args = (c.d_model, c.n_heads, c.d_ff, c.dropout, c.attention_dropout, c.activation, c.key_bias,
                       c.layer_norm_eps, c.activation_dropout)
