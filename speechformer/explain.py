@@ -157,6 +157,33 @@ def peak_frames(attention: np.ndarray) -> np.ndarray:
     return attention.argmax(-1)
 
 
+WORD_MARKS = ("\u2581", "\u0120", " ")  # a piece that starts a word: sentencepiece's ▁, byte-level BPE's Ġ
+
+
+def word_groups(pieces: Sequence[str], rows: Sequence[int]) -> list[list[int]]:
+    """The token rows ``rows`` (in order; callers pass the spoken ones) grouped into words.
+
+    A piece that begins with a word mark starts a word, any other piece continues the word
+    before it (in "don't" the apostrophe is not spoken, so "t" joins "don")."""
+    words: list[list[int]] = []
+    for row in rows:
+        if not words or pieces[row].startswith(WORD_MARKS):
+            words.append([row])
+        else:
+            words[-1].append(row)
+    return words
+
+
+def word_peaks(attention: np.ndarray, words: Sequence[Sequence[int]]) -> np.ndarray:
+    """The frame each word attends to most: the attention of its pieces summed, ``[words]``.
+
+    A head that aligns looks at a word's stretch of audio while it writes the word's pieces,
+    but which frame *inside* that stretch is highest varies from piece to piece (a piece's own
+    peak can fall a few frames before the previous piece's); summed over the word, the peak is
+    the word's place."""
+    return np.array([int(attention[list(w)].sum(0).argmax()) for w in words], dtype=np.int64)
+
+
 @torch.inference_mode()
 def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, top_k: int = 5
                      ) -> Explanation:
@@ -305,6 +332,7 @@ def write_explanation(exp: Explanation, out_dir: str | Path, title: str = "utter
     files["candidates.json"] = out / "candidates.json"
     atomic_write_text(files["candidates.json"], json.dumps(steps, indent=1, ensure_ascii=False) + "\n")
 
+    words = word_groups(exp.pieces, exp.spoken)  # token rows of each spoken word
     summary = {
         "title": title, "transcript": exp.transcript, "duration": round(exp.duration, 3),
         "prompt": exp.prompt, "tokens": exp.tokens, "pieces": exp.pieces,
@@ -316,6 +344,7 @@ def write_explanation(exp: Explanation, out_dir: str | Path, title: str = "utter
         "head_scores": np.round(exp.head_scores, 4).tolist(),
         "best_head_peaks": peak_frames(exp.cross[bl, bh]).tolist(),
         "spoken_tokens": exp.spoken,
+        "words": words, "best_head_word_peaks": word_peaks(exp.cross[bl, bh], words).tolist(),
         "attention_past_audio": round(exp.outside_mass, 4),
         "teacher_forced_argmax_equals_greedy": exp.agrees_with_greedy,
         "ended_by_length_cap": exp.ended_by_length_cap,
