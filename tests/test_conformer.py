@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,6 +69,23 @@ def test_conformer_layer_is_a_macaron_of_half_feed_forwards():
         y2, _ = layer(x)
         h = x + 0.5 * layer.ff1(layer.ff1_norm(x))
         torch.testing.assert_close(y2, layer.out_norm(h + 0.5 * layer.ff2(layer.ff2_norm(h))))
+
+
+def test_without_the_final_norm_a_block_is_a_pure_residual_update():
+    """conformer_final_norm=False: the block only adds to its input (a pre-LN residual path runs
+    through the whole stack), so with every sub-block silenced it is the identity."""
+    torch.manual_seed(0)
+    layer = ConformerLayer(32, 4, 64, 0.0, 0.0, True, 1e-5, kernel_size=5, final_norm=False).eval()
+    assert not any(n.startswith("out_norm") for n, _ in layer.named_parameters())
+    x = torch.randn(2, 8, 32) * 7.0
+    with torch.no_grad():
+        for lin in (layer.ff1.fc2, layer.attn.out, layer.conv.pointwise2, layer.ff2.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        y, _ = layer(x)
+    torch.testing.assert_close(y, x)  # with the final norm it would be LayerNorm(x), of size ~1
+    model = SpeechTransformer(conformer_config(conformer_final_norm=False))
+    assert all(isinstance(layer.out_norm, torch.nn.Identity) for layer in model.encoder_layers)
 
 
 def test_convolution_module_sees_only_a_kernel_wide_neighbourhood():
@@ -149,6 +168,30 @@ def test_sinusoidal_plus_rotary_adds_the_table_and_rotates_the_lookups():
     assert not torch.equal(added, x[0]) and len({tuple(r.tolist()) for r in added}) == 10  # one row per frame
     with pytest.raises(ValueError, match="encoder_positions"):
         conformer_config(encoder_positions="relative")
+
+
+def test_encoder_input_scale_multiplies_the_audio_frames_by_sqrt_d_model():
+    """ESPnet's xscale: the subsampled frames times sqrt(d_model), then the positions."""
+    torch.manual_seed(0)
+    plain = SpeechTransformer(conformer_config(encoder_positions="sinusoidal"))
+    scaled = SpeechTransformer(conformer_config(encoder_positions="sinusoidal", encoder_input_scale=True))
+    scaled.load_state_dict(plain.state_dict())
+    seen, wav = {}, torch.randn(1, 8000)
+    for name, model in (("plain", plain.eval()), ("scaled", scaled.eval())):
+        model.encoder_positions.register_forward_hook(lambda mod, args, out, name=name: seen.update({name: args[0]}))
+        with torch.no_grad():
+            model.encode(wav, torch.tensor([8000]))
+    torch.testing.assert_close(seen["scaled"], seen["plain"] * 32 ** 0.5)
+
+
+def test_the_synthetic_conformer_config_scales_its_input():
+    """The recipe's Conformer as measured: input scaled, no block-final LayerNorm."""
+    import yaml
+    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/synthetic/conf/conformer.yaml").read_text())
+    model = conf["model"]["model"]
+    assert model["encoder"] == "conformer" and model["encoder_input_scale"] is True
+    assert model["conformer_final_norm"] is False  # with it the CTC loss stalled (README.md)
+    assert model["encoder_positions"].endswith("rotary")
 
 
 def test_conformer_config_is_checked_and_counted():

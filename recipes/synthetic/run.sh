@@ -5,7 +5,7 @@
 #   bash run.sh                      # everything
 #   bash run.sh --stage 2 --stop-stage 2   # only training (re-running resumes from last.ckpt)
 #   bash run.sh --config conf/conformer.yaml --exp exp/conformer   # the Conformer encoder
-#   bash run.sh --stage 4 --decoder joint                           # re-score with joint CTC/attention
+#   bash run.sh --stage 4 --decoder attention                       # re-score with the decoder alone
 #
 # Every stage is one command a user could type; this script only strings them together.
 set -euo pipefail
@@ -21,7 +21,7 @@ exp=exp/transformer        # tokenizer, checkpoints, logs, model, reports (as in
 num_train=8000
 vocab_size=256
 beam_size=4
-decoder=attention        # stage 4: attention | joint (CTC/attention, --ctc-weight 0.3) | ctc (CTC greedy, beam 1)
+decoder=joint            # stage 4: joint (CTC/attention, --ctc-weight 0.3: test WER 16.1% -> 10.0%) | attention | ctc (greedy)
 num_average=1            # still improving fast at the end: averaging earlier epochs was measured to hurt (25.4% -> 29.4% with 2)
 
 while [[ $# -gt 0 ]]; do

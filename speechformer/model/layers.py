@@ -233,7 +233,7 @@ class ConformerLayer(nn.Module):
     """A Conformer block (Gulati et al. 2020): a macaron of two half-step feed-forwards
     around self-attention and convolution, then a LayerNorm.
 
-    ``x + ½ FF(x)  ->  + MHSA  ->  + Conv  ->  + ½ FF  ->  LayerNorm``, each sub-block
+    ``x + ½ FF(x)  ->  + MHSA  ->  + Conv  ->  + ½ FF  ->  LayerNorm`` (the last one optional), each sub-block
     pre-LayerNorm with a skip connection. Attention relates any two frames; the
     convolution module sees a fixed neighbourhood, which is where most of the acoustic
     detail is. The feed-forwards use SiLU (Swish), as the paper.
@@ -241,7 +241,7 @@ class ConformerLayer(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
                  key_bias: bool, eps: float, activation_dropout: float = 0.0, rotary: bool = True,
-                 kernel_size: int = 15, conv_norm: str = "layer") -> None:
+                 kernel_size: int = 15, conv_norm: str = "layer", final_norm: bool = True) -> None:
         super().__init__()
         self.ff1_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff1 = FeedForward(d_model, d_ff, activation_dropout, "silu")
@@ -251,7 +251,8 @@ class ConformerLayer(nn.Module):
         self.conv = ConvolutionModule(d_model, kernel_size, conv_norm, eps)
         self.ff2_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff2 = FeedForward(d_model, d_ff, activation_dropout, "silu")
-        self.out_norm = nn.LayerNorm(d_model, eps=eps)
+        # final_norm=False keeps the stream a pre-LN residual path from block to block (see config)
+        self.out_norm: nn.Module = nn.LayerNorm(d_model, eps=eps) if final_norm else nn.Identity()
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, need_weights: bool = False

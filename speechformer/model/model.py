@@ -93,7 +93,8 @@ class SpeechTransformer(nn.Module):
                       c.layer_norm_eps, c.activation_dropout)
         self.encoder_layers = nn.ModuleList(
             ConformerLayer(c.d_model, c.n_heads, c.d_ff, c.dropout, c.attention_dropout, c.key_bias,
-                           c.layer_norm_eps, c.activation_dropout, rotary, c.conv_kernel_size, c.conv_norm)
+                           c.layer_norm_eps, c.activation_dropout, rotary, c.conv_kernel_size, c.conv_norm,
+                           c.conformer_final_norm)
             if c.encoder == "conformer" else EncoderLayer(*layer_args, rotary=rotary)
             for _ in range(c.n_encoder_layers))
         self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
@@ -120,6 +121,8 @@ class SpeechTransformer(nn.Module):
         """Frames [B, T, n_mels] -> memory [B, T', D] (the part after the frontend)."""
         feats = self.specaug(feats, frames)
         x = self.subsampling(feats)
+        if self.config.encoder_input_scale:
+            x = x * math.sqrt(self.config.d_model)
         lengths = self.subsampling.output_lengths(frames).clamp(min=1, max=x.shape[1])
         x = self.dropout(self.encoder_positions(x))
         mask = self.memory_mask(lengths, x.shape[1])
