@@ -313,22 +313,26 @@ RECIPE = ROOT / "recipes" / "synthetic"
 
 
 @pytest.mark.slow
-def test_cross_attention_of_the_synthetic_recipe_model_is_monotonic():
-    """The model README's first command trains (recipes/synthetic/exp/transformer/model), on its
-    held-out voice: the best-aligned head's word peaks do not go back by more than 3 encoder frames
-    (120 ms) in at least 85% of the first 60 test utterances, and they travel through the audio.
+@pytest.mark.parametrize("exp_name", ["transformer", "conformer"])
+def test_cross_attention_of_the_synthetic_recipe_model_is_monotonic(exp_name):
+    """The models the synthetic recipe trains (README's first command: exp/transformer; with
+    conf/conformer.yaml: exp/conformer), on the held-out voice: the best-aligned head's word peaks
+    do not go back by more than 3 encoder frames (120 ms) in at least 85% of the first 60 test
+    utterances, and they travel through the audio.
 
     Words, not pieces: the head looks at a word's stretch of audio while it writes the word's
-    pieces, and which frame inside it peaks varies from piece to piece (per piece the worst step
-    back had a median of 7 frames, about half a word). Measured on the model of the 2026-11-30 run
-    (test WER 16.1%): 56 of 60 within 3 frames (50 never went back), the worst 13 frames, all four
-    on misrecognised words ("sheep were so wise" -> "sheeps were so whistles"). This test needs
-    the recipe's model, which takes the recipe's 15-30 minutes to train; without it, it skips (CI
-    runs the tiny model's check above instead)."""
-    model_dir, manifest = RECIPE / "exp" / "transformer" / "model", RECIPE / "data" / "synthetic" / "test.jsonl"
+    pieces, and which frame inside it peaks varies from piece to piece. Measured on the models of
+    the 2026-11-30 runs: transformer (test WER 16.1% attention / 10.0% joint): 56 of 60 within 3
+    frames by word (50 never went back; by piece the worst step back had a median of 7 frames), the
+    worst 13, all four on misrecognised words ("sheep were so wise" -> "sheeps were so whistles");
+    Conformer (test WER 5.6% / 4.8%): 58 of 60 by word (57 never went back), and by piece 46 of
+    60 within 3 frames. This test needs a recipe's model (15-30 minutes of training); without
+    one it skips (CI runs the tiny model's check above instead)."""
+    model_dir, manifest = RECIPE / "exp" / exp_name / "model", RECIPE / "data" / "synthetic" / "test.jsonl"
     if not (model_dir / "config.json").is_file() or not manifest.is_file():
-        pytest.skip(f"no model of the synthetic recipe in {model_dir}: run README's first command "
-                    "(bash recipes/synthetic/run.sh) first")
+        how = "" if exp_name == "transformer" else " --config conf/conformer.yaml --exp exp/conformer"
+        pytest.skip(f"no model of the synthetic recipe in {model_dir}: run bash recipes/synthetic/run.sh{how} "
+                    "(README's first command) first")
     from speechformer.audio import load_audio
     from speechformer.data import read_manifest
     from speechformer.explain import explain_waveform
