@@ -58,10 +58,10 @@ class ModelConfig:
     encoder_positions: Literal["sinusoidal", "stored", "rotary", "sinusoidal+rotary"] = "sinusoidal"
     embed_scale: bool = True  # multiply token embeddings by sqrt(d_model) before adding positions
     # multiply the subsampled audio frames by sqrt(d_model) before adding positions (ESPnet's
-    # xscale): the audio then enters at the scale of what the blocks add. The Conformer needs
-    # it: its LayerNorm after every block divides the stream by its size, and an audio part
-    # smaller than the blocks' time-constant outputs shrank block by block until the memory was
-    # nearly the same vector at every frame and the CTC loss stalled (recipes/synthetic/README.md)
+    # xscale): the audio then enters at the scale of what the blocks add. With the Conformer's
+    # block-final norm it kept the audio's frame-to-frame spread (0.5 instead of 0.04 after the
+    # first block) but did not by itself unstall the CTC loss; the synthetic Conformer config
+    # keeps it, as measured (recipes/synthetic/README.md)
     encoder_input_scale: bool = False
     key_bias: bool = True  # Whisper has no bias on the key projection
     layer_norm_eps: float = 1e-5
