@@ -81,3 +81,34 @@ print_wer_table() {
   for name; do sed -n 3p "$exp/eval_$name.log"; done
   echo "total time: $(( $(date +%s) - start )) s"
 }
+
+# corpus_stages TRAIN_MANIFEST VALID_MANIFEST TEST_NAME...: stages 1-5 of a corpus recipe
+# (librispeech, commonvoice, ljspeech), each one command: BPE tokenizer, feature statistics,
+# training with them, average + export, WER of every $data/TEST_NAME.jsonl in one table
+corpus_stages() {
+  local train=$1 valid=$2 set
+  shift 2
+  if run_stage 1; then
+    log "stage 1: BPE tokenizer ($vocab_size pieces) on $train"
+    stage_tokenizer "$train"
+  fi
+  if run_stage 2; then
+    log "stage 2: global feature mean/variance of $train"
+    stage_stats "$train"
+  fi
+  if run_stage 3; then
+    log "stage 3: training $config (resumes from $exp/checkpoints/last.ckpt if present)"
+    stage_fit "$train" "$valid" --model.feature_stats "$exp/feature_stats.json"
+  fi
+  if run_stage 4; then
+    log "stage 4: average the best $num_average checkpoints, export an inference directory"
+    stage_average_export
+  fi
+  if run_stage 5; then
+    for set; do
+      log "stage 5: evaluate $set (beam $beam_size)"
+      stage_evaluate "$exp/model" "$data/$set.jsonl" "$set"
+    done
+    print_wer_table "WER of $exp/model (beam $beam_size); reports in $exp/eval_*/" "$@"
+  fi
+}

@@ -58,31 +58,5 @@ if run_stage 0; then
   cat "$data/dev-clean.jsonl" "$data/dev-other.jsonl" > "$data/dev.jsonl"   # validation: both dev sets
 fi
 
-if run_stage 1; then
-  log "stage 1: BPE tokenizer ($vocab_size pieces) on $train_set"
-  stage_tokenizer "$data/$train_set.jsonl"
-fi
-
-if run_stage 2; then
-  log "stage 2: global feature mean/variance from $stats_utterances utterances of $train_set"
-  stage_stats "$data/$train_set.jsonl"
-fi
-
-if run_stage 3; then
-  log "stage 3: training $config (resumes from $exp/checkpoints/last.ckpt if present)"
-  stage_fit "$data/$train_set.jsonl" "$data/dev.jsonl" --model.feature_stats "$exp/feature_stats.json"
-fi
-
-if run_stage 4; then
-  log "stage 4: average the best $num_average checkpoints, export an inference directory"
-  stage_average_export
-fi
-
-if run_stage 5; then
-  for set in $test_sets; do
-    log "stage 5: evaluate $set (beam $beam_size)"
-    stage_evaluate "$exp/model" "$data/$set.jsonl" "$set"
-  done
-  # shellcheck disable=SC2086  # one name per test set
-  print_wer_table "WER of $exp/model (beam $beam_size); reports in $exp/eval_*/" $test_sets
-fi
+# shellcheck disable=SC2086  # one name per test set
+corpus_stages "$data/$train_set.jsonl" "$data/dev.jsonl" $test_sets

@@ -43,30 +43,4 @@ if run_stage 0; then
   speechformer prepare ljspeech "$corpus" --out "$data" --valid 250 --test 250 --jobs "$jobs"
 fi
 
-if run_stage 1; then
-  log "stage 1: BPE tokenizer ($vocab_size pieces)"
-  stage_tokenizer "$data/train.jsonl"
-fi
-
-if run_stage 2; then
-  log "stage 2: global feature mean/variance"
-  stage_stats "$data/train.jsonl"
-fi
-
-if run_stage 3; then
-  log "stage 3: training $config (resumes from $exp/checkpoints/last.ckpt if present)"
-  stage_fit "$data/train.jsonl" "$data/valid.jsonl" --model.feature_stats "$exp/feature_stats.json"
-fi
-
-if run_stage 4; then
-  log "stage 4: average the best $num_average checkpoints, export an inference directory"
-  stage_average_export
-fi
-
-if run_stage 5; then
-  for set in valid test; do
-    log "stage 5: evaluate $set (beam $beam_size)"
-    stage_evaluate "$exp/model" "$data/$set.jsonl" "$set"
-  done
-  print_wer_table "WER of $exp/model (beam $beam_size); reports in $exp/eval_*/" valid test
-fi
+corpus_stages "$data/train.jsonl" "$data/valid.jsonl" valid test

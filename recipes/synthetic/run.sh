@@ -64,8 +64,8 @@ fi
 
 if run_stage 5; then
   log "stage 5: transcribe a sample"
-  sample=$(head -n 3 "$data/test.jsonl" | python -c 'import sys, json; print("\n".join(json.loads(l)["audio"] for l in sys.stdin))')
-  (cd "$data" && speechformer transcribe --model "$OLDPWD/$exp/model" --format tsv --quiet $sample)
+  mapfile -t sample < <(head -n 3 "$data/test.jsonl" | python -c 'import sys, json; print("\n".join(json.loads(l)["audio"] for l in sys.stdin))')
+  (cd "$data" && speechformer transcribe --model "$OLDPWD/$exp/model" --format tsv --quiet "${sample[@]}")
 fi
 
 if run_stage 4; then
