@@ -17,10 +17,13 @@ run code to load (a pickle with a payload) is refused with a message naming it.
 from __future__ import annotations
 
 import os
+import random
+import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -59,6 +62,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         return transcribe.load_checkpoint(path, map_location=map_location or "cpu")  # always weights_only
+
+
+def random_state(device: torch.device) -> dict[str, Any]:
+    """This process's global random generators as plain data (it loads with ``weights_only=True``).
+
+    Torch's CPU generator (dropout on CPU), the CUDA generator of ``device`` when it is a GPU
+    (dropout there), and Python's and numpy's (nothing of ours draws from them; a user's
+    callback may). Lightning does not save these: a resumed run would draw other dropout masks.
+    """
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_random_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what :func:`random_state` saved (the CUDA part only onto a GPU: a checkpoint from
+    a CPU run resumed on a GPU draws fresh CUDA numbers, see docs/reliability.md)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+#: What :func:`speechformer.atomic.atomic_write` names the temporary file of a checkpoint
+#: (``tempfile.mkstemp(prefix=".last.ckpt.", suffix=".tmp")``: 8 random characters between).
+_CHECKPOINT_TEMP = re.compile(r"^\.(?P<target>.+\.ckpt)\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_orphan_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted, in ``folder`` only.
+
+    Only names of :data:`_CHECKPOINT_TEMP`'s pattern (``.last.ckpt.k3j9x0_a.tmp``): no other file
+    of the folder is touched, and nothing in its subfolders. Call it before training writes
+    anything (no write of this run can be under way). Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if _CHECKPOINT_TEMP.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class ResumeCheckpoint(ModelCheckpoint):

@@ -492,9 +492,11 @@ class SpeechDataModule(L.LightningDataModule):
         sampler = self._sampler(split, manifest, shuffle)
         loader = ResumableLoader if split == "train" else DataLoader
         extra = {"trainer": trainer} if split == "train" else {}
+        # the loader's own generator seeds its workers: making an iterator (each epoch) then draws
+        # nothing from the global generator, whose state a resumed run restores (dropout's)
         return loader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
                       persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers else None,
-                      **extra)
+                      generator=torch.Generator().manual_seed(self.seed), **extra)
 
     def train_dataset(self) -> SpeechDataset:
         return self._dataset("train", self.train_manifest)

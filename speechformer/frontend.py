@@ -148,6 +148,12 @@ class SpecAugment(nn.Module):
     Each utterance gets ``freq_masks`` bands of up to ``freq_width`` mel bins and
     ``time_masks`` spans of up to ``time_width_ratio`` of its length set to zero (the
     normalised mean). Vectorised over the batch: no Python loop per utterance.
+
+    The masks are drawn from the module's own generator, not the global one, so that a
+    resumed run can be given exactly the generator state it had when its checkpoint was
+    written (:meth:`random_state`, :meth:`set_random_state`; saved by
+    :class:`speechformer.lightning.SpeechModule`). It is created at the first training
+    batch, on the features' device, seeded from ``torch.initial_seed()`` (the run's seed).
     """
 
     def __init__(self, freq_masks: int = 2, freq_width: int = 27, time_masks: int = 2,
@@ -155,12 +161,34 @@ class SpecAugment(nn.Module):
         super().__init__()
         self.freq_masks, self.freq_width = freq_masks, freq_width
         self.time_masks, self.time_width_ratio = time_masks, time_width_ratio
+        self._generator: torch.Generator | None = None
+        self._restored: dict | None = None  # a saved state, applied when the generator is made
 
-    @staticmethod
-    def _band_mask(n_masks: int, max_width: Tensor, size: int, batch: int, device: torch.device) -> Tensor:
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            saved, self._restored = self._restored, None
+            if saved is not None and saved["device"] == device.type:
+                self._generator.set_state(saved["state"])
+            else:  # a fresh run (or a resume on another kind of device: see docs/reliability.md)
+                self._generator.manual_seed(torch.initial_seed() ^ 0x5EC_A06)
+        return self._generator
+
+    def random_state(self) -> dict | None:
+        """The mask generator's state as plain data (None before the first training batch)."""
+        if self._generator is None:
+            return self._restored
+        return {"device": self._generator.device.type, "state": self._generator.get_state()}
+
+    def set_random_state(self, state: dict | None) -> None:
+        """Continue from :meth:`random_state`'s ``state`` at the next training batch."""
+        self._generator, self._restored = None, state
+
+    def _band_mask(self, n_masks: int, max_width: Tensor, size: int, batch: int, device: torch.device) -> Tensor:
         """[B, size] boolean, True inside any of ``n_masks`` random bands per row."""
-        width = (torch.rand(batch, n_masks, device=device) * (max_width[:, None] + 1)).long()
-        start = (torch.rand(batch, n_masks, device=device) * (size - width + 1).clamp_min(1)).long()
+        rng = self._rng(device)
+        width = (torch.rand(batch, n_masks, device=device, generator=rng) * (max_width[:, None] + 1)).long()
+        start = (torch.rand(batch, n_masks, device=device, generator=rng) * (size - width + 1).clamp_min(1)).long()
         pos = torch.arange(size, device=device)[None, None, :]
         inside = (pos >= start[..., None]) & (pos < (start + width)[..., None])
         return inside.any(dim=1)

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .checkpoint import random_state, remove_orphan_temp_files, set_random_state
 from .decoding import DecodeOptions, decode
 from .flops import measure_peak_tflops, training_flops
 from .frontend import feature_sums
@@ -95,6 +96,7 @@ class SpeechModule(L.LightningModule):
         self.skipped_batches = 0
         self._bad_in_a_row = 0
         self._drop_gradients = False
+        self._resumed_random_state: dict[str, Any] | None = None  # applied at the first batch after a resume
         self.max_input_seconds = 30.0 if config.frontend == "whisper" else 0.0  # longer audio is chunked
         self._val_outputs: list[tuple[list[str], list[str], list[str]]] = []
 
@@ -103,6 +105,7 @@ class SpeechModule(L.LightningModule):
         # x86 CPUs compute on subnormal floats ~100x slower; Adam's second moments and tiny
         # gradients can produce them (a profiled CPU step on random data ran 8x slower)
         torch.set_flush_denormal(True)
+        self._remove_orphan_checkpoint_writes()
         if self.peak_tflops <= 0:
             precision = str(self.trainer.precision) if self.trainer is not None else "32"
             dtype = "bfloat16" if "bf16" in precision else "float16" if "16" in precision else "float32"
@@ -110,8 +113,24 @@ class SpeechModule(L.LightningModule):
             print(f"speechformer: measured matmul peak {self.peak_tflops:.2f} TFLOP/s ({dtype}, "
                   f"{self.device.type}); MFU is logged against it (set model.peak_tflops to override)")
 
+    def _remove_orphan_checkpoint_writes(self) -> None:
+        """A run killed while writing a checkpoint leaves its temporary file (``.last.ckpt.*.tmp``)
+        beside the checkpoints; remove those, before this run writes any."""
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        folders = {cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+        for folder in sorted(folders):
+            for path in remove_orphan_temp_files(folder):
+                print(f"speechformer: removed {path}, an unfinished checkpoint write of an interrupted run")
+
     # ----------------------------------------------------------------- MFU
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self._resumed_random_state is not None:
+            # here, not when the checkpoint is loaded: between the two, Lightning and on_fit_start
+            # draw random numbers that the uninterrupted run drew before the checkpoint was written
+            set_random_state(self._resumed_random_state, self.device)
+            self._resumed_random_state = None
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
@@ -326,9 +345,17 @@ class SpeechModule(L.LightningModule):
             "val_loss": float(metrics["val_loss"]) if "val_loss" in metrics else None,
             "max_input_seconds": self.max_input_seconds,
             "skipped_batches": self.skipped_batches,
+            # every generator training draws from, as they are after the step just taken, so a resumed
+            # run draws the dropout and SpecAugment masks the uninterrupted run drew (the data order
+            # is a function of data.seed and the epoch: see DurationBatchSampler)
+            "random_state": {"global": random_state(self.device), "specaugment": self.model.specaug.random_state()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("speechformer", {})
         self.max_input_seconds = max(self.max_input_seconds, float(meta.get("max_input_seconds") or 0.0))
         self.skipped_batches = int(meta.get("skipped_batches") or 0)
+        saved = meta.get("random_state")
+        if saved is not None:
+            self._resumed_random_state = saved["global"]
+            self.model.specaug.set_random_state(saved["specaugment"])

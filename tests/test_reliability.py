@@ -38,8 +38,8 @@ trainer:
       init_args: {{dirpath: {exp}/checkpoints, every_n_train_steps: 1}}
     - class_path: helpers.killer.BatchLog
 model:
-  model: {{d_model: 32, n_heads: 2, d_ff: 64, n_encoder_layers: 1, n_decoder_layers: 1, subsampling_channels: 8,
-          dropout: 0.0, specaug_time_masks: 0, specaug_freq_masks: 0}}
+  # dropout and SpecAugment as ModelConfig has them by default: the resume must restore their random state
+  model: {{d_model: 32, n_heads: 2, d_ff: 64, n_encoder_layers: 1, n_decoder_layers: 1, subsampling_channels: 8}}
   warmup_steps: 4
 data:
   train_manifest: {corpus}/train.jsonl
@@ -104,8 +104,8 @@ def check_resumed_like_reference(exp: Path, reference: Path, killed_rows: list) 
     assert merged == ref, "data order, epoch or learning rate differ from the uninterrupted run"
     ref_w, w = weights(reference), weights(exp)
     assert ref_w.keys() == w.keys()
-    for k in ref_w:
-        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=k)
+    differ = {k: float((w[k].double() - ref_w[k].double()).abs().max()) for k in ref_w if not torch.equal(w[k], ref_w[k])}
+    assert not differ, f"final weights differ from the uninterrupted run's (max abs difference): {differ}"
 
 
 pytestmark = pytest.mark.slow
