@@ -136,12 +136,35 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_corpus, 
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     killed = batches(exp)
     ckpts = exp / "checkpoints"
-    assert any(p.name.endswith(".tmp") for p in ckpts.iterdir()), "the kill did not happen during a write"
+    orphans = [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]
+    assert len(orphans) == 1, "the kill did not happen during a write"
     last = load_checkpoint(ckpts / "last.ckpt")  # loads: not truncated
     assert last["global_step"] == 4
     proc = fit(exp, tiny_corpus, shared_tokenizer)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the half-written temporary file of the killed run is removed when the resumed run starts, and said
+    assert not orphans[0].exists() and not [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]
+    assert f"speechformer: removed {orphans[0]}, an unfinished checkpoint write" in proc.stdout, proc.stdout[-2000:]
     check_resumed_like_reference(exp, reference, killed)
+
+
+def test_only_our_orphan_checkpoint_temp_files_are_removed(tmp_path):
+    from speechformer.checkpoint import remove_orphan_temp_files
+
+    folder = tmp_path / "checkpoints"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"the checkpoint")
+    orphans = [folder / ".last.ckpt.k3j9x0_a.tmp", folder / ".epoch03-wer0.1234.ckpt.a1b2c3d4.tmp"]
+    users = [folder / name for name in (".last.ckpt.tmp", "notes.tmp", ".data.k3j9x0_a.tmp", "last.ckpt.k3j9x0_a.tmp",
+                                        ".last.ckpt.k3j9x0_a.tmp.bak", ".last.ckpt.TOOLONG99.tmp")]
+    users.append(folder / "sub" / ".last.ckpt.k3j9x0_a.tmp")  # another folder: not ours to clean
+    for path in orphans + users:
+        path.write_bytes(b"half a checkpoint")
+    assert remove_orphan_temp_files(folder) == sorted(orphans)
+    assert not any(p.exists() for p in orphans)
+    assert all(p.read_bytes() == b"half a checkpoint" for p in users)
+    assert (folder / "last.ckpt").read_bytes() == b"the checkpoint"
+    assert remove_orphan_temp_files(tmp_path / "missing") == []
 
 
 # --------------------------------------------------------------------------- NaN / inf batches
