@@ -21,21 +21,22 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 def lightning_main(argv: Sequence[str]) -> None:
+    from .lightning import SpeechModule, quiet_lightning_notices
+
+    quiet_lightning_notices()  # before Lightning prints its notices
     from lightning.pytorch.cli import LightningCLI
 
     from .data import SpeechDataModule
-    from .lightning import SpeechModule
 
     class SpeechCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
             parser.link_arguments("data.tokenizer", "model.tokenizer")
 
-    from .checkpoint import AtomicCheckpointIO
-
     SpeechCLI(
         SpeechModule, SpeechDataModule, args=list(argv),
         # checkpoints written atomically (a kill never leaves a corrupt last.ckpt), read weights_only
-        trainer_defaults={"use_distributed_sampler": False, "plugins": [AtomicCheckpointIO()]},
+        trainer_defaults={"use_distributed_sampler": False,
+                          "plugins": [{"class_path": "speechformer.checkpoint.AtomicCheckpointIO"}]},
         save_config_kwargs={"overwrite": True},
     )
 

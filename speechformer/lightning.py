@@ -11,13 +11,18 @@ model or a checkpoint) instead of random weights: that is fine-tuning.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 from .checkpoint import random_state, remove_orphan_temp_files, set_random_state
 from .decoding import DecodeOptions, decode
@@ -27,6 +32,71 @@ from .metrics import score
 from .model import ModelConfig, SpeechTransformer
 from .text import normalize_text
 from .tokenizer import load_tokenizer
+
+
+#: Notices every ``speechformer fit`` printed that say nothing about the user's run: (warning
+#: message, category) pairs. LightningCLI's "args and sys.argv" (``speechformer`` passes its own
+#: arguments on), the deprecation inside Lightning's own ``_pytree`` (with newer torch), the
+#: "tensorboardX has been removed" note of the default logger.
+_NOISE_WARNINGS = (
+    (r"LightningCLI's args parameter is intended to run from within Python", UserWarning),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    (r"Starting from v1\.9\.0, `tensorboardX` has been removed as a dependency", UserWarning),
+)
+#: ...and Lightning's advertisements for its cloud services, logged (not warned) at every fit
+_NOISE_LOG_PREFIXES = ("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud",)
+_LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                           "lightning_utilities.core.rank_zero")
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOISE_LOG_PREFIXES)
+
+
+def quiet_lightning_notices() -> None:
+    """Silence exactly the notices listed above (by message and category), nothing else."""
+    for message, category in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in _LIGHTNING_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        if _not_noise not in logger.filters:
+            logger.addFilter(_not_noise)
+
+
+class _ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without ``Epoch 4/-2`` when training by ``max_steps``
+    (``max_epochs`` is then -1, and it printed ``max_epochs - 1``)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            description = description.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
+        return description
+
+
+class _ModelSummary(ModelSummary):
+    """Lightning's model summary without its FLOPs column and total: Lightning counts FLOPs only
+    for a module with an ``example_input_array`` (which depends on the audio length; ours has
+    none), so it printed ``Total FLOPs: 0``. The training log has the measured ``tflops``/``mfu``."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        print("\n".join(line for line in table.splitlines() if not line.endswith("Total Flops")))
+
+
+def _fix_lightning_displays(trainer: L.Trainer) -> None:
+    """Give Lightning's own default progress bar and model summary (exactly those classes, with
+    their settings: a user's subclass is left alone) the corrected displays above."""
+    for callback in trainer.callbacks:
+        if type(callback) is RichProgressBar:
+            callback.__class__ = _ProgressBar
+        elif type(callback) in (ModelSummary, RichModelSummary):
+            callback.__class__ = _ModelSummary
 
 
 class SpeechModule(L.LightningModule):
@@ -155,6 +225,8 @@ class SpeechModule(L.LightningModule):
         """Before the first fit: global mean/variance of the training features."""
         if stage != "fit":
             return
+        if self.trainer is not None:
+            _fix_lightning_displays(self.trainer)
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is None or not hasattr(dm, "train_dataset"):
             raise RuntimeError("training needs a SpeechDataModule with a train manifest")

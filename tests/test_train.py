@@ -52,12 +52,29 @@ data:
 """
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+def cli(*args: str, warnings: bool = False) -> subprocess.CompletedProcess:
+    """Run ``speechformer ARGS``; with ``warnings`` Python's warnings are shown, as a user sees them."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    if not warnings:
+        env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run([sys.executable, "-m", "speechformer.cli", *args], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+#: What every `fit` printed that was not the user's business (tests/test_train.py checks each is gone)
+NOISE = ("LightningCLI's args parameter is intended",  # LightningCLI: args given and sys.argv too
+         "Unable to serialize instance",  # jsonargparse, on the AtomicCheckpointIO default
+         "Tip: For seamless cloud",  # Lightning's litlogger / litmodels advertisements
+         "LeafSpec",  # a torch deprecation inside Lightning's _pytree
+         "/-2",  # the progress bar's "Epoch 4/-2" when training by max_steps
+         "Total FLOPs: 0", "Total Flops")  # the model summary's FLOPs, never counted
+
+
+def assert_no_noise(proc: subprocess.CompletedProcess) -> None:
+    output = proc.stdout + proc.stderr
+    assert not [n for n in NOISE if n in output], output[-4000:]
 
 
 def test_fit_from_yaml_writes_checkpoints_and_logs_then_resumes_from_last(tiny_corpus, tmp_path):
@@ -66,7 +83,11 @@ def test_fit_from_yaml_writes_checkpoints_and_logs_then_resumes_from_last(tiny_c
     config.write_text(CONFIG.format(exp=exp, corpus=tiny_corpus))
     cli("tokenizer", "train", "--manifest", str(tiny_corpus / "train.jsonl"), "--vocab-size", "40",
         "--out", str(exp / "tokenizer"))
-    cli("fit", "--config", str(config), "--ckpt_path", "last")  # no checkpoint yet: starts fresh
+    # no checkpoint yet: starts fresh; shown as a user sees it (warnings, progress bar, model summary)
+    proc = cli("fit", "--config", str(config), "--ckpt_path", "last", "--trainer.enable_model_summary", "true",
+               "--trainer.enable_progress_bar", "true", warnings=True)
+    assert "Total params" in proc.stdout and "Epoch 1" in proc.stdout  # the summary and the bar were shown
+    assert_no_noise(proc)
     last = exp / "checkpoints" / "last.ckpt"
     first = load_checkpoint(last)
     steps_per_epoch = first["global_step"] // 2
@@ -80,8 +101,12 @@ def test_fit_from_yaml_writes_checkpoints_and_logs_then_resumes_from_last(tiny_c
     mfu = [float(row["mfu"]) for row in metrics if row.get("mfu")]
     assert mfu and all(0.0 < x < 1.5 for x in mfu)
 
-    # "the job was killed": run the same command with one more epoch; it continues from last.ckpt
-    cli("fit", "--config", str(config), "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    # "the job was killed": run the same command with one more epoch's steps; it continues from last.ckpt
+    proc = cli("fit", "--config", str(config), "--trainer.max_epochs", "-1", "--trainer.max_steps",
+               str(first["global_step"] + steps_per_epoch), "--ckpt_path", "last", "--trainer.enable_progress_bar",
+               "true", warnings=True)
+    assert "Epoch 2" in proc.stdout  # the bar, without "/-2" (max_epochs is -1)
+    assert_no_noise(proc)
     resumed = load_checkpoint(last)
     info = {k: resumed[k] for k in ("epoch", "global_step")} | {"first_step": first["global_step"]}
     assert resumed["global_step"] == first["global_step"] + steps_per_epoch, info  # continued, not restarted
