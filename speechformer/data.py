@@ -229,6 +229,11 @@ class SpeechDataset(Dataset):
     (Kaldi's and ESPnet's speed perturbation, done on the fly instead of tripling the
     corpus on disk); the length becomes ``len / factor``. Batching still uses the manifest
     durations, so a batch can be up to ``1 / min(factors)`` longer than ``max_batch_seconds``.
+
+    The index may be ``(index, draw)`` (what :class:`DurationBatchSampler` yields with
+    ``draw_seeds``): the factor is then a function of ``draw`` alone, whichever process or loader
+    worker reads the item and whenever, so a resumed run perturbs as the uninterrupted one did.
+    A plain index draws from torch's global generator.
     """
 
     def __init__(self, utts: Sequence[Utterance], tokenizer: AnyTokenizer | None, sample_rate: int = 16000,
@@ -247,13 +252,15 @@ class SpeechDataset(Dataset):
     def durations(self) -> list[float]:
         return [u.duration for u in self.utts]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        index, draw = index if isinstance(index, tuple) else (index, None)
         u = self.utts[index]
         wav = load_audio(u.audio, self.sample_rate, offset=u.offset,
                          duration=u.duration if u.offset else None)
         if self.speed_perturb:
-            factor = self.speed_perturb[int(torch.randint(len(self.speed_perturb), ()))]
-            wav = change_speed(wav, self.sample_rate, factor)
+            n = len(self.speed_perturb)
+            choice = random.Random(draw).randrange(n) if draw is not None else int(torch.randint(n, ()))
+            wav = change_speed(wav, self.sample_rate, self.speed_perturb[choice])
         tokens = self.tokenizer.encode(u.text) if self.tokenizer is not None else []
         return {"id": u.id, "wav": wav, "tokens": torch.tensor(tokens, dtype=torch.long), "text": u.text}
 
@@ -295,10 +302,15 @@ class DurationBatchSampler(Sampler[list[int]]):
     ``num_replicas``-th batch; if the count does not divide evenly, the largest batches
     are split in two until it does, so every rank gets the same number of batches and
     every utterance is seen exactly once per epoch.
+
+    With ``draw_seeds`` each item is ``(index, draw)``, ``draw`` a number unique to (seed, epoch,
+    index) from which :class:`SpeechDataset` draws its random augmentation: like the batches, it is
+    a function of the seed and the epoch only, so nothing about the data needs saving for an exact resume.
     """
 
     def __init__(self, durations: Sequence[float], max_seconds: float, shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, bucket_size: int = 100, max_batch_size: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, bucket_size: int = 100, max_batch_size: int = 0,
+                 draw_seeds: bool = False) -> None:
         if max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {max_seconds}")
         if not 0 <= rank < num_replicas:
@@ -313,6 +325,7 @@ class DurationBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.bucket_size = bucket_size
         self.max_batch_size = max_batch_size
+        self.draw_seeds = draw_seeds
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
 
@@ -374,7 +387,11 @@ class DurationBatchSampler(Sampler[list[int]]):
         if self._resume is not None and self._resume[0] == self.epoch:
             skip = self._resume[1]
         self._resume = None
-        yield from self._all_batches()[self.rank::self.num_replicas][skip:]
+        batches = self._all_batches()[self.rank::self.num_replicas][skip:]
+        if self.draw_seeds:
+            first = (self.seed * 1_000_003 + self.epoch) * len(self.durations)
+            batches = [[(i, first + i) for i in batch] for batch in batches]  # type: ignore[misc]
+        yield from batches
 
     def __len__(self) -> int:
         return len(self._all_batches()) // self.num_replicas
@@ -480,7 +497,8 @@ class SpeechDataModule(L.LightningDataModule):
         replicas = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         return DurationBatchSampler(ds.durations, self.max_batch_seconds, shuffle=shuffle, seed=self.seed,
-                                    num_replicas=replicas, rank=rank, max_batch_size=self.max_batch_size)
+                                    num_replicas=replicas, rank=rank, max_batch_size=self.max_batch_size,
+                                    draw_seeds=bool(ds.speed_perturb))
 
     def train_batches_per_epoch(self) -> int:
         """Batches each process trains on per epoch (without building a loader)."""

@@ -47,6 +47,7 @@ data:
   tokenizer: {tokenizer}
   max_batch_seconds: 6
   num_workers: {workers}
+  speed_perturb: [0.9, 1.0, 1.1]  # as the recipes: random too, and drawn inside the loader workers
 """
 
 
