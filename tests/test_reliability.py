@@ -2,7 +2,8 @@
 
 The kill tests run `speechformer fit` in a subprocess and kill it with a real SIGKILL, then run the
 same command again and compare every trained batch (step, epoch, learning rate, utterance ids) and
-the final weights with a run that was never interrupted.
+the final weights (bit for bit) with a run that was never interrupted; dropout, SpecAugment and speed
+perturbation are on, so the random state must be restored too.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_sigkill_mid_epoch_resumes_at_the_same_step_lr_and_data_order(tiny_corpus, shared_tokenizer, reference,
-                                                                      tmp_path, workers):
+def test_sigkill_mid_epoch_resumes_with_the_same_steps_data_and_random_draws(tiny_corpus, shared_tokenizer,
+                                                                            reference, tmp_path, workers):
     ref = batches(reference)
     per_epoch = sum(1 for r in ref if r[1] == 0)
     assert per_epoch >= 3, "the test needs several batches per epoch"
@@ -147,6 +148,42 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_corpus, 
     assert not orphans[0].exists() and not [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]
     assert f"speechformer: removed {orphans[0]}, an unfinished checkpoint write" in proc.stdout, proc.stdout[-2000:]
     check_resumed_like_reference(exp, reference, killed)
+
+
+def test_the_saved_random_state_loads_as_plain_data_and_continues_every_generator():
+    import io
+    import random
+
+    import numpy as np
+
+    from speechformer.checkpoint import random_state, set_random_state
+
+    cpu = torch.device("cpu")
+    buffer = io.BytesIO()
+    torch.save(random_state(cpu), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # as a checkpoint is read: no pickled code
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    set_random_state(saved, cpu)
+    after = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]
+
+
+def test_specaugment_continues_from_its_saved_state_and_leaves_the_global_generator_alone():
+    from speechformer.frontend import SpecAugment
+
+    x, lengths = torch.ones(4, 100, 80), torch.full((4,), 100)
+    aug = SpecAugment(time_width_ratio=0.2).train()
+    torch.manual_seed(1)
+    aug(x, lengths)  # a first batch
+    saved = aug.random_state()
+    global_before = torch.get_rng_state()
+    expected = aug(x, lengths)
+    assert torch.equal(torch.get_rng_state(), global_before)  # its masks come from its own generator
+    resumed = SpecAugment(time_width_ratio=0.2).train()
+    resumed.set_random_state(saved)
+    assert torch.equal(resumed(x, lengths), expected) and not torch.equal(expected, x)
 
 
 def test_only_our_orphan_checkpoint_temp_files_are_removed(tmp_path):
