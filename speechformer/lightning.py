@@ -7,6 +7,12 @@ scores), so one ``.ckpt`` maps waveforms to text and loads with
 
 ``init_from`` starts from an existing model (an imported Whisper folder, an exported
 model or a checkpoint) instead of random weights: that is fine-tuning.
+
+Checkpoints also carry the random generators' state, so a killed run resumes drawing exactly
+what it would have drawn (docs/reliability.md, "Exact resume"). And since every ``speechformer
+fit`` goes through here: :func:`quiet_lightning_notices` silences the notices of Lightning that
+are not about the user's run, and Lightning's default progress bar and model summary get two
+wrong figures removed (``Epoch 4/-2``, ``Total FLOPs: 0``).
 """
 
 from __future__ import annotations
