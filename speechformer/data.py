@@ -191,7 +191,7 @@ def read_manifest(path: str | Path, *, require_text: bool = True, check_audio: b
 
     A bad line raises :class:`ManifestError` listing every problem with its file and line,
     unless ``skip_bad``: then the bad lines are left out and a warning says how many.
-    ``skip_option`` names the setting that would skip them (``skip_bad_lines`` for training),
+    ``skip_option`` names the setting that would skip them (``data.skip_bad_lines`` for training),
     for the error's hint; without one (``evaluate``, ``transcribe --manifest``...) the hint
     says to fix or remove the lines, since that command cannot skip them.
     """
@@ -463,7 +463,7 @@ class SpeechDataModule(L.LightningDataModule):
             if self.tokenizer is None:
                 self.tokenizer = load_tokenizer(self.tokenizer_path)
             utts = read_manifest(manifest, check_audio=self.check_audio, skip_bad=self.skip_bad_lines,
-                                 skip_option="skip_bad_lines")
+                                 skip_option="data.skip_bad_lines")
             if self.max_duration > 0 and split == "train":
                 utts = [u for u in utts if u.duration <= self.max_duration]
             self.datasets[split] = SpeechDataset(utts, self.tokenizer, self.sample_rate,
