@@ -18,7 +18,7 @@ import torch
 from speechformer.cli import main
 from speechformer.decoding import DecodeOptions, greedy_decode
 from speechformer.explain import alignment_scores, backward_jumps, capture_attention, word_groups, word_peaks
-from speechformer.model import MultiHeadAttention, SpeechTransformer
+from speechformer.model import ModelConfig, MultiHeadAttention, SpeechTransformer
 from speechformer.tokenizer import WhisperTokenizer
 from speechformer.transcribe import ModelBundle, export_model, load_model
 
