@@ -80,6 +80,12 @@ def _symlink_to_input(tmp: Path) -> tuple[list[str], Path]:
     return ["--output", "link.out", "x.wav"], x
 
 
+def _hard_link_to_input(tmp: Path) -> tuple[list[str], Path]:
+    x = _recording(tmp / "x.wav")
+    os.link(x, tmp / "same.txt")
+    return ["--output", "same.txt", "x.wav"], x
+
+
 def _text_file_given_as_input(tmp: Path) -> tuple[list[str], Path]:
     notes = tmp / "notes.txt"  # not audio: only "it is an input" protects it
     notes.write_text("my notes\n")
@@ -96,7 +102,8 @@ def _output_dir_file_is_an_input(tmp: Path) -> tuple[list[str], Path]:
     return ["--output-dir", "d", "d/a.txt"], odd
 
 
-@pytest.mark.parametrize("case", [_same_file_twice, _other_spelling, _symlink_to_input, _text_file_given_as_input,
+@pytest.mark.parametrize("case", [_same_file_twice, _other_spelling, _symlink_to_input, _hard_link_to_input,
+                                  _text_file_given_as_input,
                                   _recording_without_audio_name, _output_dir_file_is_an_input])
 def test_an_output_is_never_an_input_or_an_existing_audio_file(case, untrained_model, tmp_path, monkeypatch, capsys,
                                                                model_loads):
@@ -205,13 +212,15 @@ def test_a_missing_path_a_link_loop_and_an_empty_glob_are_per_file_failures(untr
 
 def test_when_every_input_is_bad_each_is_named_and_the_exit_is_non_zero(untrained_model, tmp_path, capsys,
                                                                          model_loads):
+    (tmp_path / "empty").mkdir()
     code = main(["transcribe", "--model", str(untrained_model["model"]), str(tmp_path / "missing.wav"),
-                 f"{tmp_path}/*.flac", "--quiet"])
+                 f"{tmp_path}/*.flac", str(tmp_path / "empty"), "--quiet"])
     lines = _error_lines(capsys.readouterr().err)
     assert code == 1
     assert lines[0] == f"error: {tmp_path / 'missing.wav'}: no such file or folder; check the path"
     assert lines[1].startswith(f"error: {tmp_path}/*.flac: no ") and "matches this pattern; check" in lines[1]
-    assert lines[-1] == "transcribe: 0 of 2 file(s) transcribed, 2 failed"
+    assert lines[2].startswith(f"error: {tmp_path / 'empty'}: folder has no ") and "; check the folder" in lines[2]
+    assert lines[3:] == ["transcribe: 0 of 3 file(s) transcribed, 3 failed"]
     assert model_loads == []  # nothing to transcribe: no model needed
 
 
