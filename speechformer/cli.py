@@ -85,10 +85,10 @@ def cmd_average(args: argparse.Namespace) -> int:
     from .transcribe import load_checkpoint
 
     paths = [Path(p) for p in args.checkpoints]
-    check_output_files([args.out], paths, flag="--out", give="a new .ckpt path")
-    if args.ckpt_dir:  # the output itself, left there by an earlier run, is not one of the inputs
+    if args.ckpt_dir:
         paths += [p for p in sorted(Path(args.ckpt_dir).glob("*.ckpt")) if p.name != "last.ckpt"
-                  and not p.name.startswith("last") and not (Path(args.out).exists() and p.samefile(args.out))]
+                  and not p.name.startswith("last")]
+    check_output_files([args.out], paths, flag="--out", give="a new .ckpt path (outside --ckpt-dir)")
     if not paths:
         print(f"error: no checkpoints found in {args.ckpt_dir or args.checkpoints}", file=sys.stderr)
         return 2

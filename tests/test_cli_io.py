@@ -122,8 +122,14 @@ def test_an_output_is_never_an_input_or_an_existing_audio_file(case, untrained_m
 def _average(tmp: Path, model: dict[str, Path]) -> tuple[list[str], Path]:
     ckpt = torch.load(model["ckpt"], weights_only=True)
     ckpt["speechformer"]["val_wer"] = 0.5
+    tmp.mkdir(exist_ok=True)
     torch.save(ckpt, tmp / "a.ckpt")
     return ["average", str(tmp / "a.ckpt"), "--out", str(tmp / "a.ckpt")], tmp / "a.ckpt"
+
+
+def _average_into_its_ckpt_dir(tmp: Path, model: dict[str, Path]) -> tuple[list[str], Path]:
+    _average(tmp / "ckpts", model)  # a training checkpoint, found by --ckpt-dir
+    return ["average", "--ckpt-dir", str(tmp / "ckpts"), "--out", str(tmp / "ckpts" / "a.ckpt")], tmp / "ckpts" / "a.ckpt"
 
 
 def _average_into_audio(tmp: Path, model: dict[str, Path]) -> tuple[list[str], Path]:
@@ -156,7 +162,7 @@ def _export_into_audio(tmp: Path, model: dict[str, Path]) -> tuple[list[str], Pa
     return ["export", "--model", str(model["ckpt"]), "--out", str(_recording(tmp / "a.wav"))], tmp / "a.wav"
 
 
-@pytest.mark.parametrize("case", [_average, _average_into_audio, _compute_stats_into_audio,
+@pytest.mark.parametrize("case", [_average, _average_into_its_ckpt_dir, _average_into_audio, _compute_stats_into_audio,
                                   _compute_stats_into_its_manifest, _evaluate_into_audio, _export_into_audio])
 def test_every_command_refuses_to_write_over_an_input_or_a_recording(case, untrained_model, tmp_path, capsys,
                                                                       model_loads):
