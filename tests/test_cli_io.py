@@ -103,8 +103,8 @@ def _output_dir_file_is_an_input(tmp: Path) -> tuple[list[str], Path]:
 
 
 @pytest.mark.parametrize("case", [_same_file_twice, _other_spelling, _symlink_to_input, _hard_link_to_input,
-                                  _text_file_given_as_input,
-                                  _recording_without_audio_name, _output_dir_file_is_an_input])
+                                  _text_file_given_as_input, _recording_without_audio_name,
+                                  _output_dir_file_is_an_input])
 def test_an_output_is_never_an_input_or_an_existing_audio_file(case, untrained_model, tmp_path, monkeypatch, capsys,
                                                                model_loads):
     monkeypatch.chdir(tmp_path)
