@@ -17,6 +17,7 @@ a list of thousands is found from the log alone.
 
 from __future__ import annotations
 
+import errno
 import glob
 import math
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "audio_info",
     "check_waveform",
     "expand_audio_paths",
+    "find_audio_paths",
     "load_audio",
     "save_audio",
     "split_long_audio",
@@ -208,8 +210,8 @@ def save_audio(path: str | os.PathLike[str], wav: torch.Tensor | np.ndarray, sam
     return p
 
 
-def expand_audio_paths(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Turn files, folders and glob patterns into a list of audio file paths.
+def find_audio_paths(items: Iterable[str | os.PathLike[str]]) -> list[Path | AudioError]:
+    """Turn files, folders and glob patterns into audio file paths, in order; what finds none is an error.
 
     Each item is, in this order of precedence:
 
@@ -221,11 +223,13 @@ def expand_audio_paths(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
     * otherwise a glob pattern (``**`` allowed): matched files with an audio
       extension, sorted; matched folders are searched as above.
 
-    The order of ``items`` is kept and duplicates (same resolved path) are
-    dropped. An item that yields no audio file raises ``FileNotFoundError``
-    naming it.
+    The order of ``items`` is kept and duplicates (same resolved path) are dropped. An item
+    that yields no audio file (a missing path, a broken link or link loop, an empty or
+    unreadable folder, a pattern that matches nothing), and a broken link with an audio
+    extension met in a folder or a pattern, becomes an :class:`AudioError` in its place: one
+    bad path among thousands is reported by name while the rest are transcribed.
     """
-    out: list[Path] = []
+    out: list[Path | AudioError] = []
     seen: set[Path] = set()
 
     def add(p: Path) -> None:
@@ -234,33 +238,59 @@ def expand_audio_paths(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
             seen.add(key)
             out.append(p)
 
-    def audio_in(folder: Path) -> list[Path]:
-        return sorted(
-            q for q in folder.rglob("*") if q.suffix.lower() in AUDIO_EXTENSIONS and q.is_file()
-        )
+    def audio_in(q: Path) -> list[Path | AudioError]:
+        """The audio files in a folder (or ``q`` itself); links to nothing with an audio extension are errors."""
+        found: list[Path | AudioError] = []
+        for r in (sorted(q.rglob("*")) if q.is_dir() else [q]):
+            if r.suffix.lower() in AUDIO_EXTENSIONS and not r.is_dir():
+                found.append(r if r.is_file() else _missing(r, str(r)))
+        return found
 
     for item in items:
         p = Path(item)
         if p.is_file():
-            found = [p]
+            found: list[Path | AudioError] = [p]
         elif p.is_dir():
             found = audio_in(p)
         else:
-            found = []
-            for m in sorted(glob.glob(str(item), recursive=True)):
-                q = Path(m)
-                if q.is_dir():
-                    found.extend(audio_in(q))
-                elif q.is_file() and q.suffix.lower() in AUDIO_EXTENSIONS:
-                    found.append(q)
+            found = [f for m in sorted(glob.glob(str(item), recursive=True)) for f in audio_in(Path(m))]
         if not found:
-            raise FileNotFoundError(
-                f"{item}: no audio file found (not a file, a folder with "
-                f"{'/'.join(AUDIO_EXTENSIONS)} files, or a matching glob pattern)"
-            )
+            out.append(_missing(p, str(item)))
         for q in found:
-            add(q)
+            if isinstance(q, AudioError):
+                out.append(q)
+            else:
+                add(q)
     return out
+
+
+def expand_audio_paths(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """:func:`find_audio_paths` for callers that want all or nothing: the first item that yields
+    no audio file raises ``FileNotFoundError`` naming it."""
+    found = find_audio_paths(items)
+    for q in found:
+        if isinstance(q, AudioError):
+            raise FileNotFoundError(str(q))
+    return [q for q in found if isinstance(q, Path)]
+
+
+def _missing(p: Path, item: str) -> AudioError:
+    """Why the path or pattern ``item`` gives no audio file, and what to do about it."""
+    exts = "/".join(AUDIO_EXTENSIONS)
+    if p.is_dir():
+        if not os.access(p, os.R_OK | os.X_OK):
+            return AudioError(item, "folder cannot be read (permission denied)", "check its permissions")
+        return AudioError(item, f"folder has no {exts} file", "check the folder, or pass the files themselves")
+    if os.path.islink(p):
+        try:
+            os.stat(p)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return AudioError(item, "symbolic link loop", "fix or remove the link")
+        return AudioError(item, f"broken symbolic link (to {os.readlink(p)})", "fix or remove the link")
+    if glob.has_magic(item):
+        return AudioError(item, f"no {exts} file matches this pattern", "check the pattern")
+    return AudioError(item, "no such file or folder", "check the path")
 
 
 def _quietest_point(x: np.ndarray, lo: int, hi: int, sample_rate: int) -> int:

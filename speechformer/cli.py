@@ -82,12 +82,14 @@ def cmd_average(args: argparse.Namespace) -> int:
     import torch
 
     from .atomic import atomic_write
+    from .outputs import check_output_files
     from .transcribe import load_checkpoint
 
     paths = [Path(p) for p in args.checkpoints]
     if args.ckpt_dir:
         paths += [p for p in sorted(Path(args.ckpt_dir).glob("*.ckpt")) if p.name != "last.ckpt"
                   and not p.name.startswith("last")]
+    check_output_files([args.out], paths, flag="--out", give="a new .ckpt path (outside --ckpt-dir)")
     if not paths:
         print(f"error: no checkpoints found in {args.ckpt_dir or args.checkpoints}", file=sys.stderr)
         return 2
@@ -118,8 +120,10 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .outputs import prepare_output_dir
     from .transcribe import export_model, load_model
 
+    prepare_output_dir(args.out, [args.model], flag="--out")
     bundle = load_model(args.model)
     out = export_model(bundle, args.out)
     print(f"export: {args.model} -> {out} ({bundle.model.num_parameters() / 1e6:.2f}M parameters)")
@@ -148,6 +152,7 @@ def _load_transcriber(args: argparse.Namespace, **kwargs):  # type: ignore[no-un
     if args.language or args.task:
         if not isinstance(bundle.tokenizer, WhisperTokenizer):
             raise ValueError("--language/--task apply to Whisper models only")
+        _check_english_only(bundle.tokenizer, args)
         data = bundle.tokenizer.payload() | {k: v for k, v in (("language", args.language), ("task", args.task)) if v}
         bundle.tokenizer = WhisperTokenizer.from_payload(data)
     if args.ctc_weight is not None and args.decoder != "joint":
@@ -157,10 +162,16 @@ def _load_transcriber(args: argparse.Namespace, **kwargs):  # type: ignore[no-un
                        decoder=args.decoder, ctc_weight=0.3 if args.ctc_weight is None else args.ctc_weight, **kwargs)
 
 
-def _expand_inputs(items: Sequence[str]) -> list[Path]:
-    from .audio import expand_audio_paths
-
-    return expand_audio_paths(items)
+def _check_english_only(tokenizer, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    """An English-only Whisper model (tiny.en ...) has no language or task tokens: asking it for
+    another language or a translation would be silently ignored, so it is refused."""
+    if tokenizer.multilingual:
+        return
+    asked = [f"--language {args.language}"] * (args.language not in (None, "en")) + \
+        [f"--task {args.task}"] * (args.task == "translate")
+    if asked:
+        raise ValueError(f"{' '.join(asked)}: {args.model} is an English-only Whisper model (it only transcribes "
+                         "English); use a multilingual model (such as tiny, not tiny.en) or drop the flag")
 
 
 SUBTITLE_FORMATS = ("srt", "vtt")
@@ -196,18 +207,50 @@ def _format_results(results: list, fmt: str) -> str:
 
 
 def _transcribe_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """What to transcribe: files/folders/globs, or the utterances (segments) of a manifest."""
+    """What to transcribe: files/folders/globs, or the utterances (segments) of a manifest.
+
+    Returns the items in order, the results of those already known to fail (a missing path, a
+    link loop, a pattern that matches nothing: reported per file like an unreadable one), and
+    whether the keys are file paths."""
+    from .audio import AudioError, find_audio_paths
     from .data import read_manifest
-    from .transcribe import AudioItem
+    from .transcribe import AudioItem, TranscriptResult
 
     if args.manifest:
         if args.inputs:
             raise ValueError("give audio inputs or --manifest, not both")
         utts = read_manifest(args.manifest, require_text=False)
-        return [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utts], False
+        return [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utts], {}, False
     if not args.inputs:
         raise ValueError("nothing to transcribe: give audio files, folders or globs (or --manifest)")
-    return [AudioItem(str(p), p) for p in _expand_inputs(args.inputs)], True
+    items, bad = [], {}
+    for p in find_audio_paths(args.inputs):
+        if isinstance(p, Path):
+            items.append(AudioItem(str(p), p))
+        elif p.path not in bad:  # the same bad path twice is one failure
+            bad[p.path] = TranscriptResult(p.path, Path(p.path), error=str(p))
+            items.append(AudioItem(p.path, Path(p.path)))
+    return items, bad, True
+
+
+def _check_transcribe_outputs(args: argparse.Namespace, items, names: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """Before the model loads: no output replaces an input (or the manifest) or an existing audio file."""
+    from .outputs import check_output_files, prepare_output_dir
+
+    inputs = [it.path for it in items] + ([args.manifest] if args.manifest else [])
+    if args.output and args.output != "-":
+        check_output_files([args.output], inputs, flag="--output",
+                           give=f"a new .{'txt' if args.format == 'text' else args.format} path")
+    if args.output_dir:
+        prepare_output_dir(args.output_dir, inputs, flag="--output-dir")
+        check_output_files((_per_file_output(args, names[it.key]) for it in items), inputs, flag="--output-dir",
+                           give="another --output-dir")
+
+
+def _per_file_output(args: argparse.Namespace, name: str) -> Path:
+    """``--output-dir``'s file for one input: NAME.txt, or NAME.srt / NAME.vtt."""
+    ext = args.format if args.format in SUBTITLE_FORMATS else "txt"
+    return Path(args.output_dir) / f"{name}.{ext}"
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -216,7 +259,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_text
     from .outputs import TranscriptJournal, output_names
 
-    items, from_files = _transcribe_items(args)
+    items, bad, from_files = _transcribe_items(args)
     subtitles = args.format in SUBTITLE_FORMATS
     if subtitles and len(items) > 1 and not args.output_dir:
         raise ValueError(f"--format {args.format} writes one subtitle file per audio file: give --output-dir for "
@@ -225,6 +268,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if args.resume and not (to_file or args.output_dir):
         raise ValueError("--resume needs --output FILE or --output-dir DIR (where the finished work is kept)")
     names = output_names([it.key for it in items], stems=from_files) if args.output_dir else {}
+    _check_transcribe_outputs(args, items, names)
     journal = None
     if to_file or args.output_dir:
         where = Path(args.output_dir) / ".speechformer-progress.jsonl" if args.output_dir else \
@@ -234,7 +278,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"transcribe: resuming, {sum(it.key in journal.done for it in items)} of {len(items)} "
                   "already done", file=sys.stderr)
     done = journal.done if journal is not None else {}
-    todo = [it for it in items if it.key not in done]
+    todo = [it for it in items if it.key not in done and it.key not in bad]
     transcriber = _load_transcriber(args, chunk_seconds=args.chunk_seconds,
                                     timestamps=args.timestamps or subtitles) if todo else None
     failed = 0
@@ -246,19 +290,17 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {result.error}", file=sys.stderr)
             return
         if args.output_dir:
-            out = Path(args.output_dir) / names[result.key]
-            if subtitles:
-                atomic_write_text(out.with_name(f"{out.name}.{args.format}"), _subtitles(result, args.format),
-                                  rerun=RERUN_RESUME)
-            else:
-                atomic_write_text(out.with_name(out.name + ".txt"), result.text + "\n", rerun=RERUN_RESUME)
+            atomic_write_text(_per_file_output(args, names[result.key]),
+                              _subtitles(result, args.format) if subtitles else result.text + "\n", rerun=RERUN_RESUME)
         if journal is not None:
             journal.record(result)
 
+    for result in bad.values():
+        finished(result)
     fresh = {r.key: r for r in (transcriber.transcribe_items(
         todo, progress=not args.quiet and sys.stderr.isatty(), on_result=finished,
         window=args.flush_every if journal is not None else 256) if transcriber else [])}
-    results = [done[it.key] if it.key in done else fresh[it.key] for it in items]
+    results = [done.get(it.key) or bad.get(it.key) or fresh[it.key] for it in items]
     if not (subtitles and len(items) > 1):
         text = _format_results(results, args.format)
         if to_file:
@@ -277,9 +319,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import read_manifest
     from .metrics import format_summary, score, write_report
+    from .outputs import prepare_output_dir
     from .transcribe import AudioItem
 
     utts = read_manifest(args.manifest)
+    prepare_output_dir(args.out, [args.manifest], flag="--out")
     transcriber = _load_transcriber(args)
     items = [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utts]
     results = list(transcriber.transcribe_items(items, progress=not args.quiet and sys.stderr.isatty()))

@@ -186,17 +186,20 @@ def format_problems(problems: Sequence[ManifestProblem], limit: int = 50) -> str
 
 
 def read_manifest(path: str | Path, *, require_text: bool = True, check_audio: bool = False,
-                  skip_bad: bool = False) -> list[Utterance]:
+                  skip_bad: bool = False, skip_option: str | None = None) -> list[Utterance]:
     """Read a JSONL manifest (see :func:`scan_manifest` for what is checked).
 
     A bad line raises :class:`ManifestError` listing every problem with its file and line,
     unless ``skip_bad``: then the bad lines are left out and a warning says how many.
+    ``skip_option`` names the setting that would skip them (``data.skip_bad_lines`` for training),
+    for the error's hint; without one (``evaluate``, ``transcribe --manifest``...) the hint
+    says to fix or remove the lines, since that command cannot skip them.
     """
     utts, problems = scan_manifest(path, require_text=require_text, check_audio=check_audio)
     if problems and not (skip_bad and utts):
+        remedy = f"{skip_option}=true trains on the good lines" if skip_option else "fix or remove those lines"
         raise ManifestError(f"{len(problems)} problem(s) in {path}:\n{format_problems(problems)}\n"
-                            f"(`speechformer data validate {path}` lists them all; skip_bad_lines=true "
-                            "trains on the good lines)", problems)
+                            f"(`speechformer data validate {path}` lists them all; {remedy})", problems)
     if problems:
         bad_lines = len({p.line for p in problems})
         warnings.warn(f"{path}: skipped {bad_lines} bad line(s), kept {len(utts)} utterance(s):\n"
@@ -476,7 +479,8 @@ class SpeechDataModule(L.LightningDataModule):
                 raise ValueError(f"data: no {split}_manifest given (set data.{split}_manifest)")
             if self.tokenizer is None:
                 self.tokenizer = load_tokenizer(self.tokenizer_path)
-            utts = read_manifest(manifest, check_audio=self.check_audio, skip_bad=self.skip_bad_lines)
+            utts = read_manifest(manifest, check_audio=self.check_audio, skip_bad=self.skip_bad_lines,
+                                 skip_option="data.skip_bad_lines")
             if self.max_duration > 0 and split == "train":
                 utts = [u for u in utts if u.duration <= self.max_duration]
             self.datasets[split] = SpeechDataset(utts, self.tokenizer, self.sample_rate,

@@ -6,6 +6,9 @@ fsynced) next to the outputs; ``speechformer transcribe --resume`` reads it back
 decodes what is missing. Output files are written to a temporary name and renamed, so a
 kill leaves either the old file or the new one. Names built from utterance ids (which come
 from manifests, i.e. from anyone) are sanitised: an id cannot climb out of the output folder.
+Before anything is written (and before a model is loaded), :func:`check_output_files` and
+:func:`prepare_output_dir` refuse an output path that is one of the inputs or an existing
+audio file: ``--output in/*.flac``, expanded by the shell, must not replace a recording.
 """
 
 from __future__ import annotations
@@ -14,13 +17,94 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
+import soundfile as sf
+
+from .audio import AUDIO_EXTENSIONS
 from .timestamps import Word
 from .transcribe import TranscriptResult
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
+
+
+#: Audio a user may keep beside their data; an output never replaces one (with those soundfile reads).
+_AUDIO_SUFFIXES = frozenset(AUDIO_EXTENSIONS) | {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aac", ".aif",
+                                                 ".aiff", ".wma", ".webm", ".au", ".caf", ".w64", ".sph"}
+
+
+class OutputPathError(ValueError):
+    """An output path that must not be written; the message is one line naming the flag and the path."""
+
+
+def is_audio_file(path: str | os.PathLike[str]) -> bool:
+    """An existing file that is audio: by its extension, or because soundfile reads its header
+    (a recording saved without an extension, or under a text name)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    if p.suffix.lower() in _AUDIO_SUFFIXES:
+        return True
+    try:
+        sf.info(str(p))
+    except Exception:  # noqa: BLE001 - anything soundfile cannot open is not audio to it
+        return False
+    return True
+
+
+def _file_id(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """Device and inode: the same file under any spelling (``./x.wav``, a symlink, a hard link)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_output_files(paths: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]] = (), *,
+                       flag: str, give: str) -> None:
+    """Refuse, before any work, to write a file over one of ``inputs`` or over an existing audio file.
+
+    ``flag`` names the option the path came from, ``give`` what to pass instead ("a .txt or
+    .json path"). Raises :class:`OutputPathError` for the first such path. Existing other files
+    (an earlier transcript) may be replaced: that is what an output is for.
+    """
+    taken = {i for i in map(_file_id, inputs) if i is not None}
+    for path in paths:
+        what = f"{flag} {path}"
+        if Path(path).is_dir():
+            raise OutputPathError(f"{what}: is a folder; give {give}")
+        if _file_id(path) in taken:
+            raise OutputPathError(f"{what}: is also an input (it would be overwritten); give {give}")
+        if is_audio_file(path):
+            raise OutputPathError(f"{what}: is an existing audio file (it would be overwritten); did a shell glob "
+                                  f"expand into {flag}? give {give}")
+
+
+def prepare_output_dir(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = (), *,
+                       flag: str) -> Path:
+    """Create the output folder ``path`` and make sure files can be written in it, before any work.
+
+    One line naming the folder instead of raw errno text after hours of transcribing: a path
+    that is a file (an input, a recording), a folder that cannot be created or written to.
+    """
+    folder = Path(path)
+    what = f"{flag} {path}"
+    if _file_id(folder) in {i for i in map(_file_id, inputs) if i is not None}:
+        raise OutputPathError(f"{what}: is also an input; give a new folder")
+    if folder.exists() and not folder.is_dir():
+        kind = "an existing audio file" if is_audio_file(folder) else "a file"
+        raise OutputPathError(f"{what}: is {kind}, not a folder; give a folder path (it is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".speechformer-write-test-"):
+            pass
+    except OSError as err:
+        raise OutputPathError(f"{what}: cannot write there ({err.strerror or err}); give a folder you can write to, "
+                              "or fix its permissions") from err
+    return folder
 
 
 def safe_name(name: str, max_len: int = 120) -> str:

@@ -79,3 +79,28 @@ def overfit_model(tmp_path_factory, tiny_corpus) -> dict[str, Path]:
     ckpt = exp / "checkpoints" / "last.ckpt"
     export_model(load_model(ckpt), exp / "model")
     return {"ckpt": ckpt, "model": exp / "model", "train": train, "exp": exp}
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory) -> dict[str, Path]:
+    """An untrained small model (export dir and .ckpt), for what does not need training: shapes,
+    files, command-line checks. Built in about a second."""
+    import torch
+
+    from speechformer.model import ModelConfig, SpeechTransformer
+    from speechformer.tokenizer import train_tokenizer
+    from speechformer.transcribe import ModelBundle, export_model
+
+    out = tmp_path_factory.mktemp("random_model")
+    tok = train_tokenizer(["the cat sat on the mat", "a dog ran in the park", "seven two nine four",
+                           "hello world and good morning"], 40, out / "tokenizer")
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_heads=2, d_ff=64, n_encoder_layers=2,
+                         n_decoder_layers=3, subsampling_channels=8)
+    model = SpeechTransformer(config).eval()
+    export_model(ModelBundle(model, tok, 20.0), out / "model")
+    ckpt = out / "model.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "speechformer": {"config": config.to_dict(), "tokenizer": tok.payload(), "max_input_seconds": 20.0}},
+               ckpt)
+    return {"model": out / "model", "ckpt": ckpt}

@@ -19,7 +19,7 @@ from speechformer.cli import main
 from speechformer.decoding import DecodeOptions, greedy_decode
 from speechformer.explain import alignment_scores, backward_jumps, capture_attention, word_groups, word_peaks
 from speechformer.model import ModelConfig, MultiHeadAttention, SpeechTransformer
-from speechformer.tokenizer import WhisperTokenizer, train_tokenizer
+from speechformer.tokenizer import WhisperTokenizer
 from speechformer.transcribe import ModelBundle, export_model, load_model
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
@@ -127,21 +127,9 @@ def _write_speechlike(path: Path, seconds: float = 1.6, sr: int = 16000) -> Path
 
 
 @pytest.fixture(scope="module")
-def random_model(tmp_path_factory) -> dict[str, Path]:
-    """An untrained small model (export dir and .ckpt): the shapes do not need training."""
-    out = tmp_path_factory.mktemp("random_model")
-    tok = train_tokenizer(["the cat sat on the mat", "a dog ran in the park", "seven two nine four",
-                           "hello world and good morning"], 40, out / "tokenizer")
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_heads=2, d_ff=64, n_encoder_layers=2,
-                         n_decoder_layers=3, subsampling_channels=8)
-    model = SpeechTransformer(config).eval()
-    export_model(ModelBundle(model, tok, 20.0), out / "model")
-    ckpt = out / "model.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "speechformer": {"config": config.to_dict(), "tokenizer": tok.payload(), "max_input_seconds": 20.0}},
-               ckpt)
-    return {"model": out / "model", "ckpt": ckpt, "audio": _write_speechlike(out / "utt.wav")}
+def random_model(untrained_model, tmp_path_factory) -> dict[str, Path]:
+    """The untrained small model of conftest.py and one speech-like utterance."""
+    return untrained_model | {"audio": _write_speechlike(tmp_path_factory.mktemp("utt") / "utt.wav")}
 
 
 def check_explain_output(out: Path, model_path: Path, audio: Path, encoder_layer: int, top_k: int = 5) -> dict:

@@ -270,6 +270,23 @@ def test_decode_rules_prompt_suppression_and_blank_start(openai_pt):
     assert [h.tokens for h in other] != [h.tokens for h in unconstrained]
 
 
+@pytest.mark.parametrize("flags", [["--language", "de"], ["--task", "translate"], ["--language", "fr", "--task",
+                                                                                    "translate"]])
+def test_language_or_translate_on_an_english_only_model_is_refused(tiny_en, flags, tmp_path, capsys):
+    """tiny.en has no language or task tokens: the flags would be ignored without a word."""
+    model = tiny_en
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.random.default_rng(0).normal(0, 0.1, 8000).astype(np.float32), 16000)
+    capsys.readouterr()
+    assert main(["transcribe", "--model", str(model), str(wav), "--quiet", *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {' '.join(flags)}: ") and "English-only" in lines[0]
+    assert "multilingual model" in lines[0]
+    if flags == ["--language", "de"]:  # English, transcribing: what the model does anyway, so accepted
+        assert main(["transcribe", "--model", str(model), str(wav), "--quiet", "--language", "en", "--task",
+                     "transcribe"]) == 0
+
+
 def test_guards_drop_unsure_text_on_silence_and_cut_loops(openai_pt):
     model, _ = load_whisper(openai_pt)
     tok = WhisperTokenizer((tiny_en_dir() / "tokenizer.json").read_text(encoding="utf-8"), multilingual=False)

@@ -68,8 +68,10 @@ def cmd_to_kaldi(args: argparse.Namespace) -> int:
 
 
 def cmd_compute_stats(args: argparse.Namespace) -> int:
+    from ..outputs import check_output_files
     from .stats import compute_stats, write_stats
 
+    check_output_files([args.out], [args.manifest], flag="--out", give="a new .json path")
     stats = compute_stats(args.manifest, args.sample_rate, args.n_mels, args.max_utterances, args.jobs)
     out = write_stats(stats, args.out)
     print(f"compute-stats: {stats['utterances']} utterances, {stats['frames']} frames "
