@@ -102,7 +102,7 @@ def _validation_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         config, tokenizer = _model_config_and_tokenizer(args.model or model_section["init_from"])
     elif args.config:
         config = ModelConfig.from_dict(model_section.get("model") or {})
-    if args.tokenizer or data.get("tokenizer"):
+    if args.tokenizer or (data.get("tokenizer") and not args.model):  # the one training uses: data.tokenizer
         tokenizer = load_tokenizer(args.tokenizer or data["tokenizer"])
     train = data.get("train_manifest") or ""
     manifests = args.manifests or [m for m in (train, data.get("valid_manifest"), data.get("test_manifest")) if m]

@@ -15,7 +15,6 @@ import os
 import math
 import random
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
