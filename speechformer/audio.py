@@ -139,9 +139,10 @@ def _over_full_scale(name: str | os.PathLike[str], samples: np.ndarray, peak: fl
         fix = "repair or remove the file (scaling it down by its peak would make it silent)"
     else:
         cause = f"{over} of {samples.size} samples are beyond +-{MAX_FLOAT_PEAK:g}, as if stored at integer scale"
-        fix = ("if it is integer-scale audio, divide it by 32768 and store it as 16-bit PCM, e.g. "
-               "`sox -v 0.000030517578125 IN.wav -b 16 OUT.wav`; "
-               "else normalise it (`sox --norm IN.wav -b 16 OUT.wav`)")
+        # soundfile, not sox: sox clips float input to [-1, 1] as it reads it, before any -v or --norm
+        fix = ("if it is integer-scale audio, divide it by 32768 and store it as 16-bit PCM, e.g. `python -c "
+               "\"import soundfile as sf; x, r = sf.read('IN.wav'); sf.write('OUT.wav', x / 32768, r, "
+               "subtype='PCM_16')\"` (else divide by its peak)")
     return AudioError(name, f"float samples reach {peak:.6g}, outside full scale [-1, 1] ({cause})", fix)
 
 
