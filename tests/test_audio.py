@@ -235,6 +235,17 @@ def test_float_file_at_integer_scale_is_rejected_with_the_fix(tmp_path: Path) ->
         message = str(err.value)
         assert message.startswith(f"{path}: float samples reach 1"), message  # 16383.5 (mono), 12287.6 (mixed)
         assert "integer scale" in message and "x / 32768" in message and "\n" not in message
+    # the command the message gives, run on the file, makes one that loads at the right scale
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(path, tmp_path / "IN.wav")
+    command = message.split("`")[1]
+    assert command.startswith("python -c ")
+    subprocess.run([sys.executable, "-c", command[len("python -c "):].strip('"')], cwd=tmp_path, check=True)
+    fixed = load_audio(tmp_path / "OUT.wav", sample_rate=44100)
+    assert sf.info(tmp_path / "OUT.wav").subtype == "PCM_16" and 0.3 < float(fixed.abs().max()) <= 0.5
 
 
 def test_integer_pcm_files_are_read_exactly_as_decoded() -> None:
