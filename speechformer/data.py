@@ -333,8 +333,8 @@ def read_manifest(path: str | Path, *, require_text: bool = True, check_audio: b
         warnings.warn(f"{path}: {max_duration_note(too_long, max_duration)}", stacklevel=2)
     if problems and not (skip_bad and utts):
         raise ManifestError(f"{len(problems)} problem(s) in {path}:\n{format_problems(problems)}\n"
-                            f"(`speechformer data validate {path}` lists them all; skip_bad_lines=true "
-                            "trains on the good lines)", problems)
+                            f"(`speechformer data validate {path}` lists them all, `--config CONFIG` also those "
+                            "the model cannot take; skip_bad_lines=true trains on the good lines)", problems)
     if problems:
         bad_lines = len({p.line for p in problems})
         warnings.warn(f"{path}: skipped {bad_lines} bad line(s), kept {len(utts)} utterance(s):\n"
