@@ -609,7 +609,8 @@ class SpeechDataModule(L.LightningDataModule):
             utts = read_manifest(manifest, check_audio=self.check_audio, skip_bad=self.skip_bad_lines,
                                  limits=self._limits(split), tokenizer=self.tokenizer,
                                  max_duration=self.max_duration if split == "train" else 0.0)
-            if lost := lost_characters(utts, self.tokenizer):  # a warning: a few <unk> may be acceptable
+            lost = lost_characters(utts, self.tokenizer) if self.tokenizer is not None else {}
+            if lost:  # a warning, not an error: a few <unk> may be acceptable
                 warnings.warn(format_lost_characters(manifest, lost), stacklevel=2)
             self.datasets[split] = SpeechDataset(utts, self.tokenizer, self.sample_rate,
                                                  self.speed_perturb if split == "train" else ())

@@ -6,7 +6,13 @@ Every input is made here: random waveforms, manifests of generated tones.
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from speechformer.decoding import DecodeOptions, decode
@@ -84,8 +90,6 @@ SMALL = dict(max_source_positions=50, max_target_positions=20)  # 50 encoder fra
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    import random
-
     from speechformer.tokenizer import train_tokenizer
 
     rng = random.Random(0)
@@ -101,13 +105,8 @@ def one_token_word(tokenizer_dir) -> str:
     return next(w for w in WORDS if len(tok.encode(w)) == 1)
 
 
-def write_manifest(folder, rows) -> "Path":
+def write_manifest(folder: Path, rows: list[tuple[float, str]]) -> Path:
     """rows: (seconds, text); each gets a tone wav of that length. Returns the manifest path."""
-    import json
-
-    import numpy as np
-    import soundfile as sf
-
     (folder / "wavs").mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (seconds, text) in enumerate(rows):
@@ -147,10 +146,7 @@ def bad_rows(tokenizer_dir):
 
 def test_data_validate_with_the_model_names_every_utterance_it_cannot_take(tokenizer_dir, tmp_path, capsys):
     """On main: `data validate` said OK (it knew no model) and training died mid-epoch naming no line."""
-    import json
-
     from speechformer.cli import main
-    from speechformer.model import ModelConfig
 
     manifest = write_manifest(tmp_path, bad_rows(tokenizer_dir))
     assert main(["data", "validate", str(manifest)]) == 0  # without the model: nothing to check against
@@ -199,7 +195,6 @@ def _fit(manifest, tokenizer_dir, tmp_path, **data_kw):
 
     from speechformer.data import SpeechDataModule
     from speechformer.lightning import SpeechModule
-    from speechformer.model import ModelConfig
 
     L.seed_everything(0, verbose=False)
     config = ModelConfig(d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
