@@ -135,7 +135,7 @@ def _over_full_scale(name: str | os.PathLike[str], samples: np.ndarray, peak: fl
     """The error for float samples far beyond full scale, with the fix that fits what is seen."""
     over = int((np.abs(samples) > MAX_FLOAT_PEAK).sum())
     if over * 100 < samples.size:  # a few samples: glitches, which no gain would fix
-        cause = f"{over} of {samples.size} samples are beyond +-{MAX_FLOAT_PEAK:g} (glitches?)"
+        cause = f"{over} of {samples.size} samples are beyond +-{MAX_FLOAT_PEAK:g}: glitches?"
         fix = "repair or remove the file (scaling it down by its peak would make it silent)"
     else:
         cause = f"{over} of {samples.size} samples are beyond +-{MAX_FLOAT_PEAK:g}, as if stored at integer scale"
