@@ -44,6 +44,14 @@ __all__ = [
 #: Samples with an absolute value below this count as silence.
 SILENCE_THRESHOLD = 1e-6
 
+#: Float audio is at full scale in [-1, 1]. Float processing (a gain, a filter's or resampler's
+#: ringing) often leaves peaks a little over it: up to this peak the samples are clipped back to
+#: [-1, 1]. Beyond it the scale itself is wrong (audio stored at integer scale, x32767, or a
+#: glitch such as one sample at 1e6) and the file is rejected: the log-mel features would be
+#: shifted far from anything the model saw and the transcript silently wrong, and no rescale can
+#: be guessed safely (dividing by the peak of a single 1e6 glitch would silence the file).
+MAX_FLOAT_PEAK = 2.0
+
 
 class AudioError(ValueError):
     """An audio file (or waveform) that cannot be used.
@@ -115,13 +123,41 @@ def audio_info(path: str | os.PathLike[str]) -> tuple[int, int, int, float]:
     return int(info.samplerate), int(info.frames), int(info.channels), info.frames / info.samplerate
 
 
+def _integer_full_scale(wav: torch.Tensor) -> torch.Tensor:
+    """Integer samples as float32 at full scale [-1, 1): PCM's convention (int16 / 32768, uint8
+    centred on 128), the one soundfile and every audio tool use. Other dtypes are cast as they are."""
+    if wav.dtype == torch.uint8:
+        return (wav.to(torch.float32) - 128.0) / 128.0
+    if wav.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+        return (wav.to(torch.float64) / -float(torch.iinfo(wav.dtype).min)).to(torch.float32)
+    return wav.to(torch.float32)
+
+
+def _over_full_scale(name: str | os.PathLike[str], samples: np.ndarray, peak: float) -> AudioError:
+    """The error for float samples far beyond full scale, with the fix that fits what is seen."""
+    over = int((np.abs(samples) > MAX_FLOAT_PEAK).sum())
+    if over * 100 < samples.size:  # a few samples: glitches, which no gain would fix
+        cause = f"{over} of {samples.size} samples are beyond +-{MAX_FLOAT_PEAK:g}: glitches?"
+        fix = "repair or remove the file (scaling it down by its peak would make it silent)"
+    else:
+        cause = f"{over} of {samples.size} samples are beyond +-{MAX_FLOAT_PEAK:g}, as if stored at integer scale"
+        # soundfile, not sox: sox clips float input to [-1, 1] as it reads it, before any -v or --norm
+        fix = ("if it is integer-scale audio, divide it by 32768 and store it as 16-bit PCM, e.g. `python -c "
+               "\"import soundfile as sf; x, r = sf.read('IN.wav'); sf.write('OUT.wav', x / 32768, r, "
+               "subtype='PCM_16')\"` (else divide by its peak)")
+    return AudioError(name, f"float samples reach {peak:.6g}, outside full scale [-1, 1] ({cause})", fix)
+
+
 def check_waveform(wav: torch.Tensor, name: str | os.PathLike[str]) -> torch.Tensor:
-    """Validate a waveform and return it as a contiguous 1-D float32 tensor.
+    """Validate a waveform and return it as a contiguous 1-D float32 tensor in [-1, 1].
 
     Rejects (with :class:`AudioError` naming ``name``) waveforms that are not
-    1-D, are empty, contain NaN/inf, or contain only silence (every sample below
-    ``SILENCE_THRESHOLD`` in magnitude). Such inputs otherwise surface much later
-    as NaN losses or as empty features, far from the file that caused them.
+    1-D, are empty, contain NaN/inf, reach beyond ``MAX_FLOAT_PEAK`` (a wrong scale
+    or a glitch: the transcript would be silently wrong), or contain only silence
+    (every sample below ``SILENCE_THRESHOLD`` in magnitude). Such inputs otherwise
+    surface much later as NaN losses, empty features or empty transcripts, far from
+    the file that caused them. Integer tensors are taken as PCM (int16 / 32768);
+    float peaks up to ``MAX_FLOAT_PEAK`` are clipped to [-1, 1].
     """
     if not isinstance(wav, torch.Tensor):
         raise AudioError(name, f"expected a torch.Tensor, got {type(wav).__name__}", "convert it with torch.as_tensor")
@@ -135,14 +171,19 @@ def check_waveform(wav: torch.Tensor, name: str | os.PathLike[str]) -> torch.Ten
         raise AudioError(name, "contains no samples", "check the file, offset and duration")
     if wav.is_complex():
         raise AudioError(name, "waveform is complex", "pass real-valued samples")
-    wav = wav.to(torch.float32).contiguous()
+    wav = _integer_full_scale(wav).contiguous()
     # numpy, not torch, for these whole-array scans: they run between training steps, and torch's
     # multi-threaded kernels wait for a busy second core (measured 80x slower on a loaded 2-core box)
     samples = wav.numpy() if wav.device.type == "cpu" else wav.cpu().numpy()
     finite = np.isfinite(samples)
     if not finite.all():
         raise AudioError(name, f"contains {int((~finite).sum())} NaN/inf samples", "re-encode or remove the file")
-    if float(np.abs(samples).max()) < SILENCE_THRESHOLD:
+    peak = float(np.abs(samples).max())
+    if peak > MAX_FLOAT_PEAK:
+        raise _over_full_scale(name, samples, peak)
+    if peak > 1.0:
+        wav = wav.clamp(-1.0, 1.0)
+    if peak < SILENCE_THRESHOLD:
         raise AudioError(name, "contains only silence", "check the recording or remove it from the list")
     return wav
 
@@ -163,9 +204,11 @@ def load_audio(
             Only that frame range is decoded, so segments of long recordings
             are cheap to load.
 
-    Channels are averaged to mono. The result passes :func:`check_waveform`.
+    Channels are averaged to mono and the samples checked by :func:`check_waveform` at
+    the file's own rate, before resampling: a float file's peaks a little over full scale
+    are clipped, integer PCM (always within full scale) comes back exactly as decoded.
     Raises :class:`AudioError` (naming the file) when it is missing, unreadable,
-    empty in the requested range, non-finite or silent.
+    empty in the requested range, non-finite, far beyond full scale or silent.
     """
     p = Path(path)
     if sample_rate <= 0:
@@ -192,9 +235,10 @@ def load_audio(
     except (RuntimeError, OSError) as exc:
         raise _read_failure(p, exc) from exc
     wav = torch.from_numpy(np.ascontiguousarray(data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)))
-    if wav.numel() > 0 and file_rate != sample_rate:
+    wav = check_waveform(wav, p)
+    if file_rate != sample_rate:
         wav = AF.resample(wav, orig_freq=file_rate, new_freq=sample_rate)
-    return check_waveform(wav, p)
+    return wav
 
 
 def save_audio(path: str | os.PathLike[str], wav: torch.Tensor | np.ndarray, sample_rate: int) -> Path:

@@ -52,20 +52,103 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_validate(args: argparse.Namespace) -> int:
-    """Every problem of every manifest, one line each with its line number; exit 1 if any."""
-    from .data import format_problems, scan_manifest
+def _model_config_and_tokenizer(path: str):  # type: ignore[no-untyped-def]
+    """The ModelConfig and tokenizer of a model folder or checkpoint, without building the model."""
+    from .model import ModelConfig
+    from .tokenizer import MODEL_FILE, WHISPER_FILE, load_tokenizer, tokenizer_from_payload
+    from .transcribe import CONFIG_FILE, load_checkpoint
 
+    p = Path(path)
+    if p.is_dir():
+        if not (p / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{p}: no {CONFIG_FILE}; export a model with `speechformer export`")
+        config = ModelConfig.from_dict(json.loads((p / CONFIG_FILE).read_text(encoding="utf-8"))["model"])
+        has_tokenizer = (p / MODEL_FILE).is_file() or (p / WHISPER_FILE).is_file()
+        return config, load_tokenizer(p) if has_tokenizer else None
+    meta = load_checkpoint(p).get("speechformer") or {}
+    if "config" not in meta:
+        raise ValueError(f"{p}: no speechformer metadata; was it written by `speechformer fit`?")
+    payload = meta.get("tokenizer") or meta.get("tokenizer_model")
+    return ModelConfig.from_dict(meta["config"]), tokenizer_from_payload(payload) if payload else None
+
+
+def _training_config(path: str) -> tuple[dict, dict]:
+    """The ``model`` and ``data`` sections of a ``speechformer fit`` YAML config."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    sections = []
+    for name in ("model", "data"):
+        section = cfg.get(name) or {} if isinstance(cfg, dict) else {}
+        sections.append(section.get("init_args", section) if isinstance(section, dict) else {})
+    return sections[0], sections[1]
+
+
+def _validation_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """What `data validate` checks against: (model config, tokenizer, [(manifest, is_train)], data options).
+
+    ``--config`` reads a training config as `fit` would (model.model or model.init_from,
+    data.tokenizer, data.max_duration, data.speed_perturb; with no manifests given, its train,
+    valid and test manifests); ``--model`` and ``--tokenizer`` override its model and tokenizer.
+    """
+    from .model import ModelConfig
+    from .tokenizer import load_tokenizer
+
+    model_section, data = _training_config(args.config) if args.config else ({}, {})
+    config = tokenizer = None
+    if args.model or model_section.get("init_from"):
+        config, tokenizer = _model_config_and_tokenizer(args.model or model_section["init_from"])
+    elif args.config:
+        config = ModelConfig.from_dict(model_section.get("model") or {})
+    if args.tokenizer or (data.get("tokenizer") and not args.model):  # the one training uses: data.tokenizer
+        tokenizer = load_tokenizer(args.tokenizer or data["tokenizer"])
+    train = data.get("train_manifest") or ""
+    manifests = args.manifests or [m for m in (train, data.get("valid_manifest"), data.get("test_manifest")) if m]
+    if not manifests:
+        raise ValueError("data validate: give one or more manifests (or --config with data.train_manifest)")
+
+    def is_train(m: str) -> bool:
+        return not args.config or bool(train) and Path(m).resolve() == Path(train).resolve()
+
+    return config, tokenizer, [(m, is_train(m)) for m in manifests], data
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    """Every problem of every manifest, one line each with its line number; exit 1 if any.
+
+    Given the model (``--model``, ``--config``), also every utterance it cannot take (longer than
+    its position tables, too short for CTC to carry the transcript); given the tokenizer
+    (``--tokenizer``, ``--model``, ``--config``), also the characters it does not represent
+    (listed with counts and lines; a warning, as in training: a few ``<unk>`` may be acceptable)."""
+    from .data import (UtteranceLimits, apply_model_limits, format_lost_characters, format_problems,
+                       lost_characters, max_duration_note, scan_manifest)
+
+    config, tokenizer, manifests, data = _validation_plan(args)
     total = 0
-    for manifest in args.manifests:
+    for manifest, train in manifests:
         utts, problems = scan_manifest(manifest, require_text=not args.no_text, check_audio=not args.no_audio)
+        if config is not None:
+            limits = UtteranceLimits(config, len(tokenizer.prompt) if tokenizer is not None else 1,
+                                     (data.get("speed_perturb") or ()) if train else ())
+            max_duration = float(data.get("max_duration") or 0) if train else 0.0
+            utts, problems, too_long = apply_model_limits(utts, problems, manifest, limits, tokenizer, max_duration)
+            if too_long:
+                print(f"{manifest}: note: {max_duration_note(too_long, max_duration)}", file=sys.stderr)
+        lost = lost_characters(utts, tokenizer) if tokenizer is not None and not args.no_text else {}
         if problems:
             print(format_problems(problems, limit=args.limit))
+        if lost:
+            print(format_lost_characters(manifest, lost))
+        if problems:
             print(f"{manifest}: {len(problems)} problem(s) on {len({p.line for p in problems})} line(s); "
                   f"{len(utts)} good utterance(s)", file=sys.stderr)
         else:
             hours = sum(u.duration for u in utts) / 3600
-            print(f"{manifest}: OK, {len(utts)} utterances, {hours:.2f} h", file=sys.stderr)
+            warned = f"; {len(lost)} character(s) the tokenizer does not represent (listed above)" if lost else ""
+            print(f"{manifest}: OK, {len(utts)} utterances, {hours:.2f} h{warned}", file=sys.stderr)
         total += len(problems)
     return 1 if total else 0
 
@@ -406,7 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     d_sub = d.add_subparsers(dest="data_command", required=True)
     v = d_sub.add_parser("validate", help="report every problem of a manifest with its line number "
                          "(exit status 1 when there is any)")
-    v.add_argument("manifests", nargs="+", help="JSONL manifest(s)")
+    v.add_argument("manifests", nargs="*", help="JSONL manifest(s) (default with --config: its train, valid and "
+                   "test manifests)")
+    v.add_argument("--config", help="a `speechformer fit` YAML config: check the utterances against its model "
+                   "(position tables, CTC) and tokenizer, with its data.max_duration and data.speed_perturb for "
+                   "the train manifest, as training will")
+    v.add_argument("--model", help="a model folder or checkpoint: check the utterances against its limits and "
+                   "tokenizer (overrides the config's)")
+    v.add_argument("--tokenizer", help="tokenizer folder: list the transcripts' characters it does not "
+                   "represent, with counts and line numbers (overrides the config's)")
     v.add_argument("--no-audio", action="store_true", help="do not open the audio files' headers")
     v.add_argument("--no-text", action="store_true", help="transcripts are optional (audio-only manifests)")
     v.add_argument("--limit", type=int, default=1000, help="print at most this many problems per manifest")

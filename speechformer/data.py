@@ -17,7 +17,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -29,6 +29,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .audio import load_audio
 from .tokenizer import AnyTokenizer, load_tokenizer
 
+if TYPE_CHECKING:
+    from .model import ModelConfig
+
 
 @dataclass
 class Utterance:
@@ -38,6 +41,7 @@ class Utterance:
     text: str
     speaker: str = ""
     offset: float = 0.0
+    line: int = 0  # 1-based line in the manifest it was read from (0: not read from one)
 
 
 class ManifestError(ValueError):
@@ -168,6 +172,7 @@ def scan_manifest(path: str | Path, *, require_text: bool = True,
                 problems.append(ManifestProblem(path, lineno, f"duplicate id {utt.id!r} (first on line {seen[utt.id]})"))
                 continue
             seen[utt.id] = lineno
+            utt.line = lineno
             if check_audio and (message := _check_audio(utt, info_cache)):
                 problems.append(ManifestProblem(path, lineno, message))
                 continue
@@ -185,8 +190,136 @@ def format_problems(problems: Sequence[ManifestProblem], limit: int = 50) -> str
     return "\n".join(lines)
 
 
+class UtteranceLimits:
+    """What one utterance may be for a model, worked out from its :class:`ModelConfig`.
+
+    A model has room for so many encoder frames (``max_source_positions``, after the frontend's
+    10 ms frames are subsampled 4x or 2x; Whisper: one 30 s window) and so many decoder tokens
+    (``max_target_positions``, the prompt included); an utterance past either stopped training
+    mid-epoch, before any checkpoint, naming no utterance. And CTC aligns each token to an encoder
+    frame (two frames for a repeated token): audio with fewer frames than that cannot carry its
+    transcript (its CTC loss is zeroed, it teaches nothing). ``speeds`` are the speed perturbation
+    factors training draws from: the slowest makes the audio longest, the fastest shortest.
+    """
+
+    def __init__(self, config: "ModelConfig", prompt_length: int = 1, speeds: Sequence[float] = ()) -> None:
+        from .frontend import LogMelFrontend, WhisperFrontend
+        from .model.layers import Conv1dSubsampling, Conv2dSubsampling
+
+        self.config = config
+        self.prompt_length = prompt_length
+        self.speeds = (min(speeds), max(speeds)) if speeds else (1.0, 1.0)
+        self.whisper = config.frontend == "whisper"
+        self._frontend = WhisperFrontend() if self.whisper else LogMelFrontend(config.sample_rate, config.n_mels)
+        self._subsampling = Conv2dSubsampling if config.subsampling == "conv2d" else Conv1dSubsampling
+        # rotary positions alone have no table (nothing is added to the stream): no frame limit
+        self.max_frames = None if config.encoder_positions == "rotary" else config.max_source_positions
+        self.max_tokens = config.max_target_positions - prompt_length
+        self.ctc = config.ctc_head and config.ctc_weight > 0
+
+    def encoder_frames(self, seconds: Sequence[float]) -> list[int]:
+        """Encoder frames the model makes of each of ``seconds`` of audio (by the frontend's and the
+        subsampler's own length rules, for all utterances at once)."""
+        samples = (torch.tensor(list(seconds), dtype=torch.float64) * self.config.sample_rate).round().long()
+        return self._subsampling.output_lengths(self._frontend.frame_lengths(samples.clamp(min=1))).tolist()
+
+    def longest_seconds(self) -> float:
+        """The longest audio (to 10 ms) whose encoder frames fit the position table (Whisper: 30 s)."""
+        if self.whisper or self.max_frames is None:
+            return 30.0 if self.whisper else math.inf
+        lo, hi = 0, 1  # in 10 ms steps; frames grow with the length
+        while self.encoder_frames([hi / 100])[0] <= self.max_frames:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.encoder_frames([mid / 100])[0] <= self.max_frames else (lo, mid)
+        return lo / 100
+
+    def problems(self, utts: Sequence[Utterance], path: str | Path,
+                 tokenizer: AnyTokenizer | None) -> list[ManifestProblem]:
+        """A problem naming the line of each utterance of ``utts`` this model cannot take."""
+        most = self.encoder_frames([u.duration / self.speeds[0] for u in utts])
+        fewest = self.encoder_frames([u.duration / self.speeds[1] for u in utts])
+        out = []
+        for u, long_frames, short_frames in zip(utts, most, fewest):
+            tokens = tokenizer.encode(u.text) if tokenizer is not None else []
+            if message := self._problem(u, tokens, long_frames, short_frames):
+                out.append(ManifestProblem(Path(path), u.line, message))
+        return out
+
+    def _problem(self, utt: Utterance, tokens: Sequence[int], most: int, fewest: int) -> str | None:
+        c = self.config
+        longest, shortest = utt.duration / self.speeds[0], utt.duration / self.speeds[1]
+        perturbed = " (speed-perturbed)" if self.speeds != (1.0, 1.0) else ""
+        drop = "set data.max_duration to leave such utterances out of training, or split the utterance"
+        if self.whisper and longest > 30.0:
+            return (f"{longest:.2f} s of audio{perturbed}, longer than the Whisper model's 30 s window; {drop} "
+                    "(data.max_duration: 30)")
+        if not self.whisper and self.max_frames is not None and most > self.max_frames:
+            limit = self.longest_seconds()
+            return (f"{longest:.2f} s of audio{perturbed} is {most} encoder frames, more than the model's "
+                    f"{self.max_frames} (max_source_positions: at most {limit:g} s); {drop} "
+                    f"(data.max_duration: {limit:g}), or train a model with a larger max_source_positions")
+        if len(tokens) > self.max_tokens:
+            return (f"transcript is {len(tokens)} tokens, more than the decoder's {self.max_tokens} "
+                    f"(max_target_positions {c.max_target_positions} less the {self.prompt_length}-token prompt); "
+                    "split the utterance, or train a model with a larger max_target_positions")
+        needed = len(tokens) + sum(a == b for a, b in zip(tokens, tokens[1:]))  # a blank between repeats
+        if self.ctc and fewest < needed:
+            return (f"{shortest:.3f} s of audio{perturbed} is {fewest} encoder frame(s), too few for CTC to align "
+                    f"its {len(tokens)} tokens (needs {needed}); check the duration and the transcript, or remove "
+                    "the line")
+        return None
+
+
+def lost_characters(utts: Sequence[Utterance], tokenizer: AnyTokenizer) -> dict[str, list[int]]:
+    """Each character of the transcripts that their token ids do not carry (see
+    ``Tokenizer.lost_characters``), most frequent first, with the line of each occurrence."""
+    lines: dict[str, list[int]] = {}
+    for u in utts:
+        for char in tokenizer.lost_characters(u.text):
+            lines.setdefault(char, []).append(u.line)
+    return dict(sorted(lines.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+
+
+def format_lost_characters(path: str | Path, lost: dict[str, list[int]], limit: int = 20, lines: int = 5) -> str:
+    """``lost_characters`` as lines a person reads: each character, its count and first lines."""
+    n_lines = len({line for where in lost.values() for line in where})
+    out = [f"{path}: {len(lost)} character(s) in {n_lines} line(s) that the tokenizer does not represent "
+           "(removed by the text normalisation or encoded as <unk>); the model can never write them:"]
+    for char, where in list(lost.items())[:limit]:
+        first = sorted(set(where))
+        shown = ", ".join(map(str, first[:lines])) + (", ..." if len(first) > lines else "")
+        out.append(f"  {char!r} (U+{ord(char):04X}) x{len(where)}, line(s) {shown}")
+    if len(lost) > limit:
+        out.append(f"  ... and {len(lost) - limit} more character(s)")
+    return "\n".join(out)
+
+
+def apply_model_limits(utts: list[Utterance], problems: list[ManifestProblem], path: str | Path,
+                       limits: UtteranceLimits | None, tokenizer: AnyTokenizer | None, max_duration: float = 0.0
+                       ) -> tuple[list[Utterance], list[ManifestProblem], list[Utterance]]:
+    """What training keeps of a scanned manifest: utterances longer than ``max_duration`` (0: none)
+    are left out (returned third), then each one ``limits`` rules out becomes a problem (all
+    problems in line order). Shared by training and ``speechformer data validate``."""
+    too_long = [u for u in utts if u.duration > max_duration] if max_duration > 0 else []
+    if too_long:
+        utts = [u for u in utts if u.duration <= max_duration]
+    if limits is not None and (over := limits.problems(utts, path, tokenizer)):
+        ruled_out = {p.line for p in over}
+        utts = [u for u in utts if u.line not in ruled_out]
+        problems = sorted(problems + over, key=lambda p: p.line)
+    return utts, problems, too_long
+
+
+def max_duration_note(too_long: Sequence[Utterance], max_duration: float) -> str:
+    return (f"data.max_duration {max_duration:g} s leaves out {len(too_long)} longer utterance(s) "
+            f"(the first on line {too_long[0].line})")
+
+
 def read_manifest(path: str | Path, *, require_text: bool = True, check_audio: bool = False,
-                  skip_bad: bool = False, skip_option: str | None = None) -> list[Utterance]:
+                  skip_bad: bool = False, skip_option: str | None = None, limits: UtteranceLimits | None = None,
+                  tokenizer: AnyTokenizer | None = None, max_duration: float = 0.0) -> list[Utterance]:
     """Read a JSONL manifest (see :func:`scan_manifest` for what is checked).
 
     A bad line raises :class:`ManifestError` listing every problem with its file and line,
@@ -194,12 +327,18 @@ def read_manifest(path: str | Path, *, require_text: bool = True, check_audio: b
     ``skip_option`` names the setting that would skip them (``data.skip_bad_lines`` for training),
     for the error's hint; without one (``evaluate``, ``transcribe --manifest``...) the hint
     says to fix or remove the lines, since that command cannot skip them.
+    ``max_duration`` (seconds, 0: none) leaves longer utterances out first, with a warning that
+    counts them; ``limits`` then makes each utterance the model cannot take a problem too.
     """
     utts, problems = scan_manifest(path, require_text=require_text, check_audio=check_audio)
+    utts, problems, too_long = apply_model_limits(utts, problems, path, limits, tokenizer, max_duration)
+    if too_long:
+        warnings.warn(f"{path}: {max_duration_note(too_long, max_duration)}", stacklevel=2)
     if problems and not (skip_bad and utts):
         remedy = f"{skip_option}=true trains on the good lines" if skip_option else "fix or remove those lines"
         raise ManifestError(f"{len(problems)} problem(s) in {path}:\n{format_problems(problems)}\n"
-                            f"(`speechformer data validate {path}` lists them all; {remedy})", problems)
+                            f"(`speechformer data validate {path}` lists them all, `--config CONFIG` also those "
+                            f"the model cannot take; {remedy})", problems)
     if problems:
         bad_lines = len({p.line for p in problems})
         warnings.warn(f"{path}: skipped {bad_lines} bad line(s), kept {len(utts)} utterance(s):\n"
@@ -472,6 +611,15 @@ class SpeechDataModule(L.LightningDataModule):
         self.skip_bad_lines = skip_bad_lines
         self.tokenizer: AnyTokenizer | None = None
         self.datasets: dict[str, SpeechDataset] = {}
+        #: the model's config, for the utterance limits (:class:`UtteranceLimits`) every manifest is
+        #: checked against; ``setup`` takes it from the LightningModule being trained if not set here
+        self.model_config: ModelConfig | None = None
+
+    def _limits(self, split: str) -> UtteranceLimits | None:
+        if self.model_config is None:
+            return None
+        return UtteranceLimits(self.model_config, len(self.tokenizer.prompt) if self.tokenizer is not None else 1,
+                               self.speed_perturb if split == "train" else ())
 
     def _dataset(self, split: str, manifest: str) -> SpeechDataset:
         if split not in self.datasets:
@@ -480,15 +628,24 @@ class SpeechDataModule(L.LightningDataModule):
             if self.tokenizer is None:
                 self.tokenizer = load_tokenizer(self.tokenizer_path)
             utts = read_manifest(manifest, check_audio=self.check_audio, skip_bad=self.skip_bad_lines,
-                                 skip_option="data.skip_bad_lines")
-            if self.max_duration > 0 and split == "train":
-                utts = [u for u in utts if u.duration <= self.max_duration]
+                                 skip_option="data.skip_bad_lines", limits=self._limits(split),
+                                 tokenizer=self.tokenizer, max_duration=self.max_duration if split == "train" else 0.0)
+            lost = lost_characters(utts, self.tokenizer) if self.tokenizer is not None else {}
+            if lost:  # a warning, not an error: a few <unk> may be acceptable
+                warnings.warn(format_lost_characters(manifest, lost), stacklevel=2)
             self.datasets[split] = SpeechDataset(utts, self.tokenizer, self.sample_rate,
                                                  self.speed_perturb if split == "train" else ())
         return self.datasets[split]
 
     def setup(self, stage: str) -> None:
-        """Read (and check) the manifests of the stage before any training or decoding starts."""
+        """Read (and check) the manifests of the stage before any training or decoding starts,
+        against the limits of the model being trained (see :class:`UtteranceLimits`)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.model_config is None and module is not None:
+            from .model import ModelConfig
+
+            config = getattr(module, "config", None)
+            self.model_config = config if isinstance(config, ModelConfig) else None
         splits = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",)}.get(stage, ())
         for split in splits:
             manifest = getattr(self, f"{split}_manifest")

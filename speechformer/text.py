@@ -28,3 +28,12 @@ def normalize_text(text: str) -> str:
     text = _NOT_KEPT.sub(" ", text)
     text = _LONE_APOSTROPHE.sub(" ", text)
     return _SPACES.sub(" ", text).strip()
+
+
+def dropped_characters(text: str) -> list[str]:
+    """Characters of ``text`` that :func:`normalize_text` removes although they may be spoken:
+    letters, marks, digits and symbols (emoji, currency, maths) that rule 2 does not keep,
+    such as a combining vowel sign or an emoji. Punctuation, spaces and control characters
+    are removed on purpose and not listed. In order, with repeats."""
+    canon = unicodedata.normalize("NFKC", text).lower()
+    return [c for c in canon if unicodedata.category(c)[0] in "LMNS" and _NOT_KEPT.fullmatch(c)]

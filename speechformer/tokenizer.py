@@ -30,7 +30,7 @@ from typing import Any, Iterable, Union
 
 import sentencepiece as spm
 
-from .text import normalize_text
+from .text import dropped_characters, normalize_text
 
 BLANK_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_FILE = "tokenizer.model"
@@ -88,6 +88,15 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([i for i in ids if i > EOS_ID])
+
+    def lost_characters(self, text: str) -> list[str]:
+        """The characters of ``text`` its token ids do not carry: removed by the normalisation
+        (an emoji, see :func:`~speechformer.text.dropped_characters`) or not in the vocabulary,
+        so encoded as ``<unk>`` (Chinese in a tokenizer trained on English). In order, with
+        repeats; empty when the text is represented in full."""
+        kept = normalize_text(text)
+        unknown = [c for c in kept if c != " " and self.sp.piece_to_id(c) == UNK_ID]
+        return dropped_characters(text) + unknown
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self.sp.id_to_piece(int(i)) for i in ids]
@@ -210,6 +219,10 @@ class WhisperTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode([int(i) for i in ids if int(i) < self.eot]).strip()
+
+    def lost_characters(self, text: str) -> list[str]:
+        """None: byte-level BPE represents any text, and the text is not normalised."""
+        return []
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self.hf.id_to_token(int(i)) or f"<{int(i)}>" for i in ids]

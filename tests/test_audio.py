@@ -201,6 +201,83 @@ def test_check_waveform() -> None:
     assert check_waveform(torch.full((100,), 1e-5), "x").numel() == 100
 
 
+def test_float_file_a_little_over_full_scale_is_clipped(tmp_path: Path) -> None:
+    """Peaks up to 2.0, as float processing leaves them: read, clipped to [-1, 1], the rest as stored."""
+    x = tone(0.5, 16000, amp=0.5)
+    x[1000], x[2000] = 1.7, -1.3
+    path = tmp_path / "hot.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    wav = load_audio(path).numpy()
+    assert wav.max() == 1.0 and wav.min() == -1.0
+    inside = np.abs(x) <= 1
+    assert np.array_equal(wav[inside], x[inside])
+
+
+def test_float_file_with_a_huge_glitch_is_rejected_naming_file_and_peak(tmp_path: Path) -> None:
+    """One sample at 1e6 in a float wav: main transcribed it as an empty string, exit 0."""
+    x = tone(0.5, 16000)
+    x[4000] = 1e6
+    path = tmp_path / "glitch.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"glitch\.wav: float samples reach 1e\+06, outside full scale \[-1, 1\] "
+                                         r"\(1 of 8000 samples .*glitches.*; repair or remove the file"):
+        load_audio(path)
+
+
+def test_float_file_at_integer_scale_is_rejected_with_the_fix(tmp_path: Path) -> None:
+    """A float wav stored at int16 scale (x32767): main gave one wrong word; now an error that says
+    how to re-encode it. Resampled or not, stereo or not: the check is on the file's own samples."""
+    for rate, channels in ((16000, 1), (44100, 2)):
+        path = tmp_path / f"int_scale_{rate}.wav"
+        sf.write(path, tone(0.5, rate, channels=channels) * 32767, rate, subtype="FLOAT")
+        with pytest.raises(AudioError) as err:
+            load_audio(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: float samples reach 1"), message  # 16383.5 (mono), 12287.6 (mixed)
+        assert "integer scale" in message and "x / 32768" in message and "\n" not in message
+    # the command the message gives, run on the file, makes one that loads at the right scale
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(path, tmp_path / "IN.wav")
+    command = message.split("`")[1]
+    assert command.startswith("python -c ")
+    subprocess.run([sys.executable, "-c", command[len("python -c "):].strip('"')], cwd=tmp_path, check=True)
+    fixed = load_audio(tmp_path / "OUT.wav", sample_rate=44100)
+    assert sf.info(tmp_path / "OUT.wav").subtype == "PCM_16" and 0.3 < float(fixed.abs().max()) <= 0.5
+
+
+def test_integer_pcm_files_are_read_exactly_as_decoded() -> None:
+    """The full-scale rule leaves integer PCM alone, also at full scale and resampled (the
+    resampler's overshoot past 1.0 is kept, not clipped)."""
+    import tempfile
+
+    import torchaudio.functional as AF
+
+    square = np.sign(np.sin(np.arange(22050) * 0.05)).astype(np.float32) * 0.99997
+    with tempfile.TemporaryDirectory() as d:
+        for rate in (16000, 22050):
+            path = Path(d) / f"pcm_{rate}.wav"
+            sf.write(path, square[:rate // 2], rate, subtype="PCM_16")
+            decoded = torch.from_numpy(sf.read(path, dtype="float32")[0])
+            expected = decoded if rate == 16000 else AF.resample(decoded, rate, 16000)
+            wav = load_audio(path)
+            assert torch.equal(wav, expected)
+            if rate != 16000:
+                assert float(wav.abs().max()) > 1.0  # overshoot kept
+
+
+def test_check_waveform_takes_integer_tensors_as_pcm() -> None:
+    """An int16 tensor is PCM: divided by 32768 (main passed 16384 on as a float)."""
+    pcm = torch.tensor([16384, -32768, 0, 100], dtype=torch.int16)
+    assert torch.equal(check_waveform(pcm, "x"), torch.tensor([0.5, -1.0, 0.0, 100 / 32768]))
+    assert torch.equal(check_waveform(torch.tensor([128, 0, 192], dtype=torch.uint8), "x"),
+                       torch.tensor([0.0, -1.0, 0.5]))
+    with pytest.raises(AudioError, match="x: float samples reach 32768"):
+        check_waveform(pcm.float(), "x")
+
+
 def test_save_audio_writes_pcm16(tmp_path: Path) -> None:
     path = save_audio(tmp_path / "sub" / "out.wav", torch.from_numpy(tone(0.5, 16000)), 16000)
     info = sf.info(path)
@@ -399,7 +476,9 @@ def test_check_waveform_processes_or_rejects_any_array(dtype, n, channels, seed,
         assert str(err).startswith("any.wav: ")
         return
     assert out.dtype == torch.float32 and out.dim() == 1 and out.numel() == n
-    assert bool(torch.isfinite(out).all())
+    assert bool(torch.isfinite(out).all()) and float(out.abs().max()) <= 1.0  # full scale, whatever came in
+    if x.dtype.kind == "f" and np.abs(x).max() <= 1.0:
+        assert torch.equal(out, tensor.float())  # in-range floats pass unchanged
 
 
 _SUBTYPES = {"int16": "PCM_16", "int32": "PCM_32", "float32": "FLOAT", "float64": "DOUBLE"}
@@ -408,17 +487,19 @@ _SUBTYPES = {"int16": "PCM_16", "int32": "PCM_32", "float32": "FLOAT", "float64"
 @settings(max_examples=40, deadline=None)
 @given(dtype=st.sampled_from(sorted(_SUBTYPES)), n=st.integers(0, 3000), channels=st.integers(1, 4),
        rate=st.sampled_from([8000, 11025, 16000, 44100, 96000]), seed=st.integers(0, 2**31 - 1),
-       special=st.sampled_from([None, "nan", "inf", "zeros", "truncate"]))
+       special=st.sampled_from([None, "nan", "inf", "zeros", "truncate", "hot", "glitch"]))
 def test_load_audio_reads_or_rejects_any_file(tmp_path_factory, dtype, n, channels, rate, seed, special):
-    """Any file soundfile can write (and truncated ones): a clean waveform at 16 kHz or an AudioError."""
+    """Any file soundfile can write (and truncated ones): a clean waveform at 16 kHz or an AudioError.
+    Float files a little over full scale ("hot", peak <= 2) are read; far over ("glitch") never are."""
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1, 1, (n, channels))
     if dtype.startswith("int"):
         x = (x * np.iinfo(dtype).max).astype(dtype)
     else:
         x = x.astype(dtype)
-        if special in ("nan", "inf") and x.size:
-            x.flat[rng.integers(x.size)] = np.nan if special == "nan" else np.inf
+        if special in ("nan", "inf", "hot", "glitch") and x.size:
+            value = {"nan": np.nan, "inf": np.inf, "hot": 1.9, "glitch": 1e6}[special]
+            x[rng.integers(n), :] = value  # every channel, so the mono mix keeps it
     if special == "zeros":
         x[:] = 0
     path = tmp_path_factory.mktemp("prop") / "x.wav"
@@ -430,6 +511,8 @@ def test_load_audio_reads_or_rejects_any_file(tmp_path_factory, dtype, n, channe
         wav = load_audio(path, sample_rate=16000)
     except AudioError as err:
         assert str(err).startswith(f"{path}: ")
+        assert not (special == "hot" and dtype.startswith("float") and n), err  # a hot file is read
         return
+    assert not (special == "glitch" and dtype.startswith("float") and n), "a 1e6 glitch was accepted"
     assert wav.dtype == torch.float32 and wav.dim() == 1 and wav.numel() > 0
     assert bool(torch.isfinite(wav).all())

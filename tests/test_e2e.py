@@ -96,6 +96,23 @@ def test_cli_transcribe_good_files_and_one_corrupt(overfit_model, tmp_path):
     assert 0.5 * len(expected[2].split()) < len(long_words) < 2 * len(expected[2].split())
 
 
+def test_cli_transcribes_a_50_ms_clip_alone_and_short_clips_batched_together(overfit_model, tmp_path):
+    """A 50 ms wav alone, and several short clips in one batch (batch_seconds 2): on main both
+    ended in a conv2d RuntimeError ("Kernel size: (3 x 3)") and nothing was transcribed."""
+    speech = load_audio(read_manifest(overfit_model["train"])[0].audio).numpy()
+    fifty = tmp_path / "fifty_ms.wav"
+    sf.write(fifty, speech[4000:4800], 16000)
+    alone = run_cli("transcribe", "--model", str(overfit_model["model"]), str(fifty), "--format", "json")
+    assert alone.returncode == 0, alone.stderr
+    assert [r["path"] for r in json.loads(alone.stdout)] == [str(fifty)] and "error" not in alone.stdout
+    clips = []
+    for ms in (1, 10, 30, 50, 60):
+        clips.append(tmp_path / f"clip_{ms}ms.wav")
+        sf.write(clips[-1], speech[4000:4000 + 16 * ms], 16000)
+    results = Transcriber.from_pretrained(overfit_model["ckpt"], device="cpu", batch_seconds=2).transcribe(clips)
+    assert [(r.path, r.ok, r.error) for r in results] == [(p, True, None) for p in clips]
+
+
 def test_long_audio_is_chunked_at_pauses_and_joined_in_order(overfit_model, monkeypatch):
     t = Transcriber.from_pretrained(overfit_model["model"], device="cpu")
     t.chunk_seconds = 3.0

@@ -452,6 +452,8 @@ def test_every_kind_of_bad_audio_in_one_batch_is_reported_and_the_rest_transcrib
     good["8k"] = write("eight_k.wav", speech[::2], 8000)
     good["short"] = write("fifty_ms.wav", speech[4000:4800])
     good["name"] = write("my file ünïcødé ß.wav", speech)
+    good["hot_float"] = write("hot_float.wav", np.clip(speech * 1.9 / np.abs(speech).max(), -1.9, 1.9),
+                              subtype="FLOAT")  # peaks up to 2 after float processing: clipped, transcribed
     # not usable, each must be named with its reason
     bad["truncated"] = d / "truncated.wav"
     bad["truncated"].write_bytes((good["float"]).read_bytes()[:30])
@@ -468,9 +470,14 @@ def test_every_kind_of_bad_audio_in_one_batch_is_reported_and_the_rest_transcrib
     inf[200] = np.inf
     bad["inf"] = write("inf.wav", inf, subtype="FLOAT")
     bad["missing"] = d / "does_not_exist.wav"
+    glitch = speech.copy()
+    glitch[300] = 1e6  # main: an empty transcript, no error
+    bad["float_glitch"] = write("glitch.wav", glitch, subtype="FLOAT")
+    bad["integer_scale"] = write("int_scale.wav", speech * 32767, subtype="FLOAT")  # main: one wrong word
 
-    paths = [p for pair in zip(list(good.values()) + [None], list(bad.values())) for p in pair if p is not None]
-    paths += [p for p in list(good.values())[len(bad):]]
+    from itertools import zip_longest
+
+    paths = [p for pair in zip_longest(good.values(), bad.values()) for p in pair if p is not None]  # interleaved
     t = Transcriber.from_pretrained(overfit_model["model"], device="cpu")
     results = t.transcribe(paths)
     assert [r.path for r in results] == paths
@@ -479,7 +486,8 @@ def test_every_kind_of_bad_audio_in_one_batch_is_reported_and_the_rest_transcrib
         assert by_path[p].ok, (name, by_path[p].error)
     assert by_path[good["float"]].text == by_path[good["pcm_24"]].text != ""
     reasons = {"truncated": "cannot be read", "random": "cannot be read", "empty": "empty", "no_samples": "no samples",
-               "silence": "only silence", "nan": "NaN/inf", "inf": "NaN/inf", "missing": "not found"}
+               "silence": "only silence", "nan": "NaN/inf", "inf": "NaN/inf", "missing": "not found",
+               "float_glitch": "outside full scale", "integer_scale": "outside full scale"}
     for name, p in bad.items():
         error = by_path[p].error
         assert error is not None, name

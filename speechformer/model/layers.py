@@ -66,12 +66,28 @@ class LearnedPositions(_Positions):
         self.table = nn.Parameter(torch.empty(max_len, d_model).normal_(std=0.01))
 
 
+def pad_to_receptive_field(x: Tensor, min_frames: int) -> Tensor:
+    """``x`` [B, T, F] with zero frames appended up to ``min_frames`` (unchanged if T is enough).
+
+    A subsampler's convolutions need ``min_frames`` input frames for one output frame; a
+    shorter clip (a 50 ms file is 6 frames), or a batch of only such clips, would stop the
+    whole run with a convolution error. Zero is what padding inside a batch already is (the
+    normalised mean), so a short clip alone reads the same input as in a batch, and the
+    model's length mask (``output_lengths``, at least 1) keeps only the real output frame.
+    """
+    short = min_frames - x.shape[1]
+    return nn.functional.pad(x, (0, 0, 0, short)) if short > 0 else x
+
+
 class Conv2dSubsampling(nn.Module):
     """Two 3x3 stride-2 convolutions over (time, mel): 4x fewer frames, then a linear to d_model.
 
     Speech frames come every 10 ms; attention over them is quadratic in length, and
     neighbouring frames are highly redundant, so the encoder works at 40 ms steps.
     """
+
+    #: input frames one output frame needs (the receptive field of the two convolutions)
+    min_frames = 7
 
     def __init__(self, n_mels: int, d_model: int, channels: int) -> None:
         super().__init__()
@@ -88,16 +104,19 @@ class Conv2dSubsampling(nn.Module):
 
     @staticmethod
     def output_lengths(lengths: Tensor) -> Tensor:
-        return ((lengths - 1) // 2 - 1) // 2
+        return (((lengths - 1) // 2 - 1) // 2).clamp(min=1)  # clips under min_frames are padded to one
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, F] -> [B, T', D]
-        y = self.conv(x.unsqueeze(1))  # [B, C, T', F']
+        y = self.conv(pad_to_receptive_field(x, self.min_frames).unsqueeze(1))  # [B, C, T', F']
         b, c, t, f = y.shape
         return self.norm(self.proj(y.transpose(1, 2).reshape(b, t, c * f)))
 
 
 class Conv1dSubsampling(nn.Module):
     """Whisper's stem: conv1d(k3) + GELU, conv1d(k3, stride 2) + GELU: 2x fewer frames."""
+
+    #: input frames one output frame needs: both convolutions pad by one, so a single frame does
+    min_frames = 1
 
     def __init__(self, n_mels: int, d_model: int) -> None:
         super().__init__()
@@ -110,7 +129,7 @@ class Conv1dSubsampling(nn.Module):
         return (lengths - 1) // 2 + 1
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, F] -> [B, T', D]
-        x = self.act(self.conv1(x.transpose(1, 2)))
+        x = self.act(self.conv1(pad_to_receptive_field(x, self.min_frames).transpose(1, 2)))
         return self.act(self.conv2(x)).transpose(1, 2)
 
 
