@@ -168,7 +168,8 @@ def timing_source(bundle: ModelBundle, flag: str = "--timestamps") -> Timing:
     neither gets one line naming ``flag``, the option that asked for times."""
     if bundle.model.ctc is not None:
         return "ctc"
-    if isinstance(bundle.tokenizer, WhisperTokenizer) and bundle.model.config.vocab_size > bundle.tokenizer.timestamp_begin:
+    tokenizer = bundle.tokenizer
+    if isinstance(tokenizer, WhisperTokenizer) and bundle.model.config.vocab_size > tokenizer.timestamp_begin:
         return "whisper"
     raise ValueError(f"{flag}: this model cannot time its transcript: times come from a CTC head (word times, "
                      "forced alignment) or from Whisper's time tokens (segment times), and it has neither "

@@ -155,7 +155,7 @@ def test_long_audio_word_times_are_offset_by_each_window_start(overfit_model, tm
     assert [w.start for w in streamed.words] == pytest.approx([w.start for w in result.words], abs=0.05)
 
 
-def test_timestamps_fail_early_naming_the_flag_for_a_model_without_ctc_head_or_whisper_time_tokens(tmp_path):
+def test_timestamps_fail_early_naming_the_flag_for_a_model_without_ctc_head_or_whisper_time_tokens(tmp_path, capsys):
     """A Whisper-shaped model with a sentencepiece tokenizer has neither a CTC head nor time
     tokens: --timestamps and --format srt fail before any audio is read, each naming itself."""
     from speechformer.model import ModelConfig, SpeechTransformer
@@ -172,13 +172,14 @@ def test_timestamps_fail_early_naming_the_flag_for_a_model_without_ctc_head_or_w
         Transcriber(bundle, decoder="joint", beam_size=2)
     export_model(bundle, tmp_path / "model")
     sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
-    for fmt in ("srt", "vtt"):  # the message names the option the user typed, not --timestamps
-        proc = run_cli("transcribe", "--model", str(tmp_path / "model"), str(tmp_path / "a.wav"), "--format", fmt)
-        assert proc.returncode == 2 and proc.stderr.startswith(f"error: --format {fmt}: this model cannot time"), \
-            proc.stderr
-        assert "--timestamps needs" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    proc = run_cli("transcribe", "--model", str(tmp_path / "model"), str(tmp_path / "a.wav"), "--format", "json",
-                   "--timestamps")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --timestamps: this model cannot time"), proc.stderr
+    # the message names the option the user typed, not --timestamps: one line, exit 2
+    proc = run_cli("transcribe", "--model", str(tmp_path / "model"), str(tmp_path / "a.wav"), "--format", "srt")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --format srt: this model cannot time"), proc.stderr
+    assert "--timestamps needs" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    from speechformer.cli import main
+
+    for flags, named in ((["--format", "vtt"], "--format vtt"), (["--format", "json", "--timestamps"], "--timestamps")):
+        assert main(["transcribe", "--model", str(tmp_path / "model"), str(tmp_path / "a.wav"), *flags]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {named}: this model cannot time")
     proc = run_cli("transcribe", "--model", str(tmp_path / "model"), str(tmp_path / "a.wav"), "--ctc-weight", "0.5")
     assert proc.returncode == 2 and "--decoder joint" in proc.stderr

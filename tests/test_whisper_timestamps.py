@@ -117,6 +117,24 @@ def test_segments_are_the_text_between_each_start_and_end_time():
         (0.0, 1.2, "a"), (2.0, 2.01, "b")]
 
 
+def test_a_resumed_run_keeps_the_segments_of_the_files_already_done(tmp_path):
+    """--resume rebuilds finished results from the journal: a Whisper file's segments come back,
+    so its subtitles are written again with their times."""
+    from pathlib import Path
+
+    from speechformer.outputs import TranscriptJournal
+    from speechformer.transcribe import TranscriptResult
+
+    segments = [Segment(0.0, 1.24, "Hello there."), Segment(1.5, 3.0, "General Kenobi.")]
+    journal = TranscriptJournal(tmp_path / "j.jsonl", resume=False)
+    journal.record(TranscriptResult("a.wav", Path("a.wav"), "Hello there. General Kenobi.", duration=3.2,
+                                    segments=segments))
+    journal.close(finished=False)
+    resumed = TranscriptJournal(tmp_path / "j.jsonl", resume=True)
+    assert resumed.done["a.wav"].segments == segments and resumed.done["a.wav"].words is None
+    resumed.close(finished=True)
+
+
 def follows_timestamp_grammar(tokens: list[int], tb: int, max_initial: int) -> bool:
     """<|t|> text+ <|t'|> ... with t' > t, a pair (end, start) between segments, times never back."""
     if not tokens or tokens[0] < tb or tokens[0] > tb + max_initial or (len(tokens) > 1 and tokens[1] >= tb):
