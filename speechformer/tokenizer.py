@@ -107,7 +107,9 @@ class Tokenizer:
     def prompt(self) -> list[int]:
         return [BOS_ID]
 
-    def rules(self) -> DecodeRules:
+    def rules(self, timestamps: bool = False) -> DecodeRules:
+        if timestamps:
+            raise ValueError("a sentencepiece tokenizer has no time tokens; times come from the CTC head")
         return DecodeRules(prompt=self.prompt, eos_id=EOS_ID, suppress=[BLANK_ID, BOS_ID])
 
     def payload(self) -> dict[str, Any]:
