@@ -24,7 +24,7 @@ from speechformer.transcribe import ModelBundle, Transcriber, load_model, trim_r
 from speechformer.whisper import (WhisperImportError, import_whisper, load_whisper, openai_names,
                                   read_ctranslate2)
 
-KATHLEEN = Path("/work/shared/data/kathleen_arctic_a")  # TEMP
+KATHLEEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "kathleen_arctic_a"
 SMALL = dict(n_mels=80, n_audio_ctx=50, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
              n_vocab=51864, n_text_ctx=32, n_text_state=64, n_text_head=4, n_text_layer=2)
 
