@@ -204,7 +204,6 @@ def segment_cues(segments: Sequence[Segment], duration: float | None = None) -> 
 
 
 # ---------------------------------------------------------------------------- subtitles
-
 def words_to_cues(words: Sequence[Word], max_chars: int = 42, max_seconds: float = 5.0, max_gap: float = 1.0,
                   hold: float = 1.0, duration: float | None = None) -> list[Cue]:
     """Group words into subtitle cues: a new cue when the line would pass ``max_chars``
