@@ -229,9 +229,11 @@ def cmd_import_whisper(args: argparse.Namespace) -> int:
 
 def _load_transcriber(args: argparse.Namespace, **kwargs):  # type: ignore[no-untyped-def]
     from .tokenizer import WhisperTokenizer
-    from .transcribe import Transcriber, load_model
+    from .transcribe import Transcriber, load_model, timing_source
 
     bundle = load_model(args.model)
+    if kwargs.get("timestamps"):  # name the option the user typed when the model cannot time its text
+        timing_source(bundle, f"--format {args.format}" if args.format in SUBTITLE_FORMATS else "--timestamps")
     if args.language or args.task:
         if not isinstance(bundle.tokenizer, WhisperTokenizer):
             raise ValueError("--language/--task apply to Whisper models only")
@@ -262,9 +264,11 @@ RERUN_RESUME = "re-run with --resume"  # a full disk mid-run: the finished files
 
 
 def _subtitles(result, fmt: str) -> str:  # type: ignore[no-untyped-def]
-    from .timestamps import format_srt, format_vtt, words_to_cues
+    """Cues from Whisper's segments (one per segment), or from CTC word times."""
+    from .timestamps import format_srt, format_vtt, segment_cues, words_to_cues
 
-    cues = words_to_cues(result.words or [], duration=result.duration)
+    cues = segment_cues(result.segments, result.duration) if result.segments is not None else \
+        words_to_cues(result.words or [], duration=result.duration)
     return format_srt(cues) if fmt == "srt" else format_vtt(cues)
 
 
@@ -281,6 +285,8 @@ def _format_results(results: list, fmt: str) -> str:
             row |= {"path": str(r.path), "text": r.text, "duration": round(r.duration, 3)}
             if r.words is not None:
                 row["words"] = [w.to_dict() for w in r.words]
+            if r.segments is not None:
+                row["segments"] = [s.to_dict() for s in r.segments]
             rows.append(row)
         return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
     if fmt == "tsv":
@@ -548,11 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("inputs", nargs="*", help="audio files, folders or glob patterns")
     tr.add_argument("--manifest", help="transcribe the utterances (or segments) of a JSONL manifest instead")
     tr.add_argument("--format", choices=("text", "tsv", "json", "srt", "vtt"), default="text",
-                    help="srt/vtt: subtitles from word timestamps (implies --timestamps; several files need "
-                         "--output-dir)")
+                    help="srt/vtt: subtitles (implies --timestamps: cues from word times, or one per Whisper "
+                         "segment; several files need --output-dir)")
     tr.add_argument("--timestamps", action="store_true",
-                    help="word start/end times from a CTC forced alignment (in --format json as \"words\"); "
-                         "needs a model with a CTC head (not Whisper)")
+                    help="times in --format json: \"words\" from a CTC forced alignment (models with a CTC head), "
+                         "or \"segments\" from Whisper's own time tokens (Whisper models)")
     tr.add_argument("--output", default="-", help="output file (default: standard output)")
     tr.add_argument("--output-dir", help="also write one NAME.txt (NAME.srt / NAME.vtt) per transcribed file (or "
                          "manifest id) here")

@@ -9,7 +9,8 @@ have more tokens than the encoder has frames) and by the model's position table.
 What to feed first, when to stop and which tokens never to emit come from the
 tokenizer as :class:`~speechformer.tokenizer.DecodeRules` (speechformer's own models:
 ``<s>`` then anything but ``<blank>``/``<s>``; Whisper: its start-of-transcript prompt,
-suppressed non-speech tokens, no blank first token, and the no-speech probability).
+suppressed non-speech tokens, no blank first token, and the no-speech probability; with
+timestamps, its timestamp rules: :func:`apply_timestamp_rules`).
 
 Three decoders (``DecodeOptions.decoder``):
 
@@ -97,6 +98,56 @@ class _Suppressor:
         return logits.masked_fill(self.first if step == 0 else self.always, float("-inf"))
 
 
+def apply_timestamp_rules(logits: Tensor, history: Tensor, rules: DecodeRules) -> Tensor:
+    """Whisper's timestamp grammar on next-token ``logits`` [N, V], given each row's emitted
+    tokens ``history`` [N, t] (no prompt). A transcript then reads
+    ``<|t0|> text <|t1|><|t2|> text <|t3|>``: each segment of text between its start and end time.
+
+    * ``<|notimestamps|>`` is never emitted;
+    * the first token is a time, at most ``max_initial_timestamp`` steps in;
+    * after a start time (a lone time, or the second of a pair) comes text (or the end); after an
+      end time (a time after text) comes the next start time or the end, not text;
+    * times never go back, and a segment's end is later than its start;
+    * where the time tokens together are more likely than the most likely other token, a time
+      is emitted (their probability is spread over many neighbouring times, and greedy
+      decoding would otherwise never pick one).
+
+    The rules of openai-whisper's ``ApplyTimestampRules``, for the whole batch at once.
+    """
+    begin = rules.timestamp_begin
+    assert begin is not None, "rules without timestamp_begin"
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    is_time = ids >= begin  # [V]
+    no_timestamps = -1 if rules.no_timestamps_id is None else rules.no_timestamps_id
+    banned = (ids == no_timestamps)[None].expand_as(logits)
+    if history.shape[1] == 0:
+        first = ~is_time | (ids > begin + rules.max_initial_timestamp)
+        return logits.masked_fill(banned | first, float("-inf"))
+    was_time = history >= begin
+    last = was_time[:, -1]
+    before_last = was_time[:, -2] if history.shape[1] > 1 else torch.ones_like(last)
+    ended = last & ~before_last  # a time right after text: that segment's end
+    banned = banned | ((last & before_last)[:, None] & is_time)  # a start time: text comes next
+    banned = banned | (ended[:, None] & (ids < rules.eos_id))  # an end time: a start time or the end
+    # never back in time; a segment's end strictly after its start (no empty loops)
+    latest = torch.where(was_time, history, -1).amax(1)
+    floor = latest + (~ended).long()
+    banned = banned | (is_time & (ids < floor[:, None]))
+    logits = logits.masked_fill(banned, float("-inf"))
+    logp = logits.float().log_softmax(-1)
+    times_win = logp[:, begin:].logsumexp(-1) > logp[:, :begin].max(-1).values
+    return logits.masked_fill(times_win[:, None] & ~is_time, float("-inf"))
+
+
+def _constrain(logits: Tensor, step: int, history: Tensor, suppress: _Suppressor, rules: DecodeRules) -> Tensor:
+    """Next-token log-probabilities [N, V] after the suppressed tokens and, when the rules
+    have time tokens, the timestamp rules."""
+    logits = suppress(logits.float(), step)
+    if rules.timestamp_begin is not None:
+        logits = apply_timestamp_rules(logits, history, rules)
+    return logits.log_softmax(-1)
+
+
 def _no_speech(logits: Tensor, rules: DecodeRules) -> Tensor | None:
     if rules.no_speech_id is None:
         return None
@@ -136,7 +187,7 @@ def greedy_decode(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
         logits, _ = model.decode(tokens, memory, mask, state)
         if step == 0:
             no_speech = _no_speech(logits, rules)
-        logp = suppress(logits[:, -1].float(), step).log_softmax(-1)
+        logp = _constrain(logits[:, -1], step, out[rows, :step], suppress, rules)
         nxt = logp.argmax(-1)
         logprob[rows] += torch.where(finished, 0.0, logp.gather(1, nxt[:, None])[:, 0])
         nxt = torch.where(finished, rules.eos_id, nxt)
@@ -336,7 +387,7 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
         logits, _ = model.decode(last, memory, mask, state)
         if step == 0:
             no_speech = _no_speech(logits[::k], rules)
-        logp = suppress(logits[:, -1].float(), step).log_softmax(-1).view(b, k, -1)
+        logp = _constrain(logits[:, -1], step, history, suppress, rules).view(b, k, -1)
         if joint:
             att_cand = att_scores[..., None] + logp  # [B, K, V]
             if n_cand < vocab:

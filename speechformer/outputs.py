@@ -24,7 +24,7 @@ from typing import Iterable
 import soundfile as sf
 
 from .audio import AUDIO_EXTENSIONS
-from .timestamps import Word
+from .timestamps import Segment, Word
 from .transcribe import TranscriptResult
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
@@ -156,8 +156,10 @@ class TranscriptJournal:
                 try:
                     row = json.loads(line)
                     words = [Word(**w) for w in row["words"]] if row.get("words") is not None else None
+                    segments = [Segment(**s) for s in row["segments"]] if row.get("segments") is not None else None
                     self.done[row["key"]] = TranscriptResult(row["key"], Path(row["path"]), row["text"],
-                                                             duration=float(row.get("duration", 0.0)), words=words)
+                                                             duration=float(row.get("duration", 0.0)), words=words,
+                                                             segments=segments)
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     continue
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +174,8 @@ class TranscriptJournal:
         row = {"key": result.key, "path": str(result.path), "text": result.text, "duration": round(result.duration, 3)}
         if result.words is not None:
             row["words"] = [w.to_dict() for w in result.words]
+        if result.segments is not None:
+            row["segments"] = [s.to_dict() for s in result.segments]
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -1,4 +1,5 @@
-"""Word timestamps from a CTC forced alignment, and subtitles (SRT, WebVTT) from them.
+"""Word timestamps from a CTC forced alignment, Whisper's segments from its time tokens, and
+subtitles (SRT, WebVTT) from either.
 
 The decoded tokens are aligned to the CTC head's per-frame log-probabilities
 (:func:`torchaudio.functional.forced_align`: the single most likely frame path that spells
@@ -10,12 +11,15 @@ CTC is *peaky*: a token often owns one or two frames, at or a little after where
 heard. Word starts are therefore accurate to a frame or two (40 ms each for the conv2d
 stem); word ends are where the last piece fires, which can be early for long words.
 Subtitle cues stay on screen until the next cue (at most ``hold`` seconds longer).
+
+Whisper has no CTC head; it writes its own times instead, as tokens ``<|0.00|>`` ... ``<|30.00|>``
+around each segment of text (:func:`whisper_segments`), and each segment becomes one cue.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -133,14 +137,73 @@ def word_timestamps(log_probs: Tensor, tokens: Sequence[int], pieces: Sequence[s
     return group_words(pieces, spans, clock, duration)
 
 
-# ---------------------------------------------------------------------------- subtitles
+# ---------------------------------------------------------------------------- Whisper segments
 @dataclass
-class Cue:
+class Segment:
+    """A stretch of text with its start and end in seconds: a Whisper segment, or a subtitle cue."""
+
     start: float
     end: float
     text: str
 
+    def shifted(self, seconds: float) -> "Segment":
+        return Segment(self.start + seconds, self.end + seconds, self.text)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"start": round(self.start, 3), "end": round(self.end, 3), "text": self.text}
+
+
+Cue = Segment  # a subtitle cue is a timed line of text
+
+
+def whisper_segments(tokens: Sequence[int], timestamp_begin: int, decode: Callable[[list[int]], str],
+                     duration: float, precision: float = 0.02) -> list[Segment]:
+    """Segments of one Whisper window from its tokens: ``<|t0|> text <|t1|><|t2|> text <|t3|>``
+    gives ``(t0, t1, text)`` and ``(t2, t3, text)``; ids from ``timestamp_begin`` up are times
+    (``precision`` seconds apart), the others text (``decode`` turns them into a string).
+
+    A time after text ends the open segment; a time after a time (or first) starts one. Text with
+    no start time starts where the previous segment ended (0 at first); text with no end time
+    (the length cap cut the window, or it was decoded without the timestamp rules) ends at
+    ``duration``, the window's audio: each window is decoded once, so its last words are kept
+    rather than decoded again from a later start (as openai-whisper's seek does). Times are
+    clamped to ``duration``; segments without text are dropped.
+    """
+    segments: list[Segment] = []
+    start: float | None = None
+    text: list[int] = []
+
+    def close(end: float) -> None:
+        words = decode(text).strip()
+        begin = min(start if start is not None else (segments[-1].end if segments else 0.0), duration)
+        if words:
+            segments.append(Segment(begin, min(max(end, begin), duration), words))
+        text.clear()
+
+    for token in tokens:
+        if token < timestamp_begin:
+            text.append(token)
+        elif text:
+            close((token - timestamp_begin) * precision)
+            start = None
+        else:
+            start = (token - timestamp_begin) * precision
+    if text:
+        close(duration)
+    return segments
+
+
+def segment_cues(segments: Sequence[Segment], duration: float | None = None) -> list[Cue]:
+    """Subtitle cues from Whisper segments: one cue per segment (as openai-whisper's SRT
+    writer), each at least 10 ms long and never past ``duration``."""
+    cues = []
+    for s in segments:
+        end = max(s.end, s.start + 0.01)
+        cues.append(Cue(s.start, min(end, duration) if duration is not None else end, s.text))
+    return cues
+
+
+# ---------------------------------------------------------------------------- subtitles
 def words_to_cues(words: Sequence[Word], max_chars: int = 42, max_seconds: float = 5.0, max_gap: float = 1.0,
                   hold: float = 1.0, duration: float | None = None) -> list[Cue]:
     """Group words into subtitle cues: a new cue when the line would pass ``max_chars``

@@ -12,7 +12,9 @@ encoding, the same function that scoring uses.
 :class:`WhisperTokenizer` wraps OpenAI Whisper's byte-level BPE (``tokenizer.json``, read
 by Hugging Face's ``tokenizers`` library) with its special tokens: it keeps case and
 punctuation, and its decoder prompt is ``<|startoftranscript|>`` (+ language and task on
-multilingual models) + ``<|notimestamps|>``.
+multilingual models) + ``<|notimestamps|>``; with timestamps the prompt ends before
+``<|notimestamps|>`` and the model writes time tokens ``<|0.00|>`` ... ``<|30.00|>`` (one every
+0.02 s, the ids after ``<|notimestamps|>``) around each segment of text.
 
 Both provide what the rest of the toolkit uses: ``vocab_size``, ``encode``, ``decode``,
 ``pieces``, ``save``, ``eos_id``, ``prompt`` (the decoder's first tokens), ``rules()`` (the
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -36,6 +38,7 @@ BLANK_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_FILE = "tokenizer.model"
 WHISPER_FILE = "tokenizer.json"
 WHISPER_CONFIG_FILE = "tokenizer_config.json"
+WHISPER_TIME_PRECISION = 0.02  # seconds per Whisper time token (30 s window / 1500 encoder frames)
 
 
 @dataclass
@@ -46,6 +49,11 @@ class DecodeRules:
     ``suppress_at_start`` not as the first token (Whisper: a bare space or end-of-text);
     ``no_speech_id`` is the token whose probability at the start-of-transcript position
     says "there is no speech here" (Whisper only; the probability is reported, not emitted).
+
+    ``timestamp_begin`` set (Whisper with timestamps): ids from it up are time tokens
+    ``<|0.00|>``, ``<|0.02|>``, ... and decoding follows Whisper's timestamp rules
+    (:func:`speechformer.decoding.apply_timestamp_rules`): the first token is a time no later
+    than ``max_initial_timestamp`` steps, times come in pairs and never go back.
     """
 
     prompt: list[int]
@@ -54,6 +62,9 @@ class DecodeRules:
     suppress_at_start: list[int] = field(default_factory=list)
     no_speech_id: int | None = None
     sot_index: int = 0  # position in the prompt whose prediction carries the no-speech probability
+    timestamp_begin: int | None = None  # id of <|0.00|>; None: no timestamp rules
+    max_initial_timestamp: int = 50  # the first time token is at most this many steps (1.0 s at 0.02 s)
+    no_timestamps_id: int | None = None  # <|notimestamps|>: never emitted when timing
 
 
 class Tokenizer:
@@ -105,7 +116,9 @@ class Tokenizer:
     def prompt(self) -> list[int]:
         return [BOS_ID]
 
-    def rules(self) -> DecodeRules:
+    def rules(self, timestamps: bool = False) -> DecodeRules:
+        if timestamps:
+            raise ValueError("a sentencepiece tokenizer has no time tokens; times come from the CTC head")
         return DecodeRules(prompt=self.prompt, eos_id=EOS_ID, suppress=[BLANK_ID, BOS_ID])
 
     def payload(self) -> dict[str, Any]:
@@ -182,6 +195,7 @@ class WhisperTokenizer:
         self.sot_lm = special("<|startoflm|>")
         self.sot_prev = special("<|startofprev|>")
         self.no_timestamps = special("<|notimestamps|>")
+        self.timestamp_begin = self.no_timestamps + 1  # <|0.00|>, as in every Whisper vocabulary
         no_speech = self.hf.token_to_id("<|nospeech|>")
         self.no_speech = no_speech if no_speech is not None else special("<|nocaptions|>")
         self.suppress = sorted(set(suppress) if suppress is not None else self._default_suppress())
@@ -202,15 +216,24 @@ class WhisperTokenizer:
     @property
     def prompt(self) -> list[int]:
         """``<|startoftranscript|>`` [``<|lang|>`` ``<|task|>``] ``<|notimestamps|>``."""
+        return self._start() + [self.no_timestamps]
+
+    def _start(self) -> list[int]:
         seq = [self.sot]
         if self.multilingual:
             seq.append(self.sot + 1 + WHISPER_LANGUAGES.index(self.language))
             seq.append(self.transcribe_id if self.task == "transcribe" else self.translate_id)
-        return seq + [self.no_timestamps]
+        return seq
 
-    def rules(self) -> DecodeRules:
-        return DecodeRules(prompt=self.prompt, eos_id=self.eot, suppress=self.suppress,
-                           suppress_at_start=self.suppress_at_start, no_speech_id=self.no_speech, sot_index=0)
+    def rules(self, timestamps: bool = False) -> DecodeRules:
+        """Whisper's decoding constraints; ``timestamps``: the prompt without ``<|notimestamps|>``
+        and the timestamp rules on (openai-whisper's ``without_timestamps=False``)."""
+        rules = DecodeRules(prompt=self.prompt, eos_id=self.eot, suppress=self.suppress,
+                            suppress_at_start=self.suppress_at_start, no_speech_id=self.no_speech, sot_index=0)
+        if not timestamps:
+            return rules
+        return replace(rules, prompt=self._start(), timestamp_begin=self.timestamp_begin,
+                       max_initial_timestamp=round(1.0 / WHISPER_TIME_PRECISION), no_timestamps_id=self.no_timestamps)
 
     def encode(self, text: str) -> list[int]:
         """Transcript -> ids, as Whisper writes it (one leading space, case and punctuation kept)."""
@@ -225,7 +248,12 @@ class WhisperTokenizer:
         return []
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
-        return [self.hf.id_to_token(int(i)) or f"<{int(i)}>" for i in ids]
+        return [self._piece(int(i)) for i in ids]
+
+    def _piece(self, i: int) -> str:
+        if i >= self.timestamp_begin:  # time tokens are not in tokenizer.json
+            return f"<|{(i - self.timestamp_begin) * WHISPER_TIME_PRECISION:.2f}|>"
+        return self.hf.id_to_token(i) or f"<{i}>"
 
     def _default_suppress(self) -> list[int]:
         """Whisper's ``suppress_tokens="-1"``: non-speech symbols plus the task/control tokens."""

@@ -9,6 +9,11 @@ a model directory written by ``speechformer export`` or ``speechformer import-wh
 Whisper models get Whisper's guards: a window whose no-speech probability is high and
 whose transcript is unsure is dropped (no text on silence), and a transcript that
 compresses too well (a repetition loop) is cut back to where the loop began.
+
+Timestamps come from one of two places (:func:`timing_source`): a CTC head gives word times
+by forced alignment; Whisper (no CTC head) writes segment times itself as time tokens, decoded
+under its timestamp rules. A long file's windows are each decoded once and their times shifted
+by the window's start.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,8 +34,9 @@ from .atomic import atomic_write, atomic_write_text
 from .audio import AudioError, audio_info, load_audio, split_long_audio
 from .decoding import DecodeOptions, Hypothesis, decode
 from .model import ModelConfig, SpeechTransformer
-from .timestamps import FrameClock, Word, word_timestamps
-from .tokenizer import MODEL_FILE, WHISPER_FILE, AnyTokenizer, load_tokenizer, tokenizer_from_payload
+from .timestamps import FrameClock, Segment, Word, whisper_segments, word_timestamps
+from .tokenizer import (MODEL_FILE, WHISPER_FILE, WHISPER_TIME_PRECISION, AnyTokenizer, WhisperTokenizer,
+                        load_tokenizer, tokenizer_from_payload)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,11 +135,46 @@ class TranscriptResult:
     text: str = ""
     error: str | None = None
     duration: float = 0.0
-    words: list[Word] | None = None  # with timestamps: each word's start/end (seconds from the file's start)
+    words: list[Word] | None = None  # with timestamps (CTC): each word's start/end (seconds from the file's start)
+    segments: list[Segment] | None = None  # with timestamps (Whisper): each segment's start/end and text
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def add_times(self, window: "WindowResult", offset: float) -> None:
+        """A window's words or segments, in seconds from the file's start (the window begins at ``offset``)."""
+        if window.words and self.words is not None:
+            self.words += [w.shifted(offset) for w in window.words]
+        if window.segments and self.segments is not None:
+            self.segments += [s.shifted(offset) for s in window.segments]
+
+
+class WindowResult(NamedTuple):
+    """One decoded window: its text and, with timestamps, its words (CTC) or segments (Whisper),
+    in seconds from the window's start."""
+
+    text: str
+    words: list[Word] | None = None
+    segments: list[Segment] | None = None
+
+
+Timing = Literal["ctc", "whisper"]
+
+
+def timing_source(bundle: ModelBundle, flag: str = "--timestamps") -> Timing:
+    """Where this model's timestamps come from: ``"ctc"`` (word times from a forced alignment
+    to its CTC head) or ``"whisper"`` (segment times from Whisper's time tokens). A model with
+    neither gets one line naming ``flag``, the option that asked for times."""
+    if bundle.model.ctc is not None:
+        return "ctc"
+    tokenizer = bundle.tokenizer
+    if isinstance(tokenizer, WhisperTokenizer) and bundle.model.config.vocab_size > tokenizer.timestamp_begin:
+        return "whisper"
+    raise ValueError(f"{flag}: this model cannot time its transcript: times come from a CTC head (word times, "
+                     "forced alignment) or from Whisper's time tokens (segment times), and it has neither "
+                     "(ctc_head: false, not a Whisper model); use --format text, tsv or json without "
+                     "--timestamps, or a model trained with a CTC head")
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -165,14 +206,12 @@ class Transcriber:
             raise ValueError("this model has no tokenizer; import it again with --tokenizer tokenizer.json")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
-        # options that need the CTC head fail here, before any work (Whisper has no CTC head)
+        # options the model cannot serve fail here, before any work (Whisper has no CTC head)
         why = "Whisper models have none" if bundle.model.config.frontend == "whisper" else "ctc_head: false"
         if decoder != "attention" and bundle.model.ctc is None:
             raise ValueError(f"--decoder {decoder} needs a CTC head, and this model has none ({why}); "
                              "use --decoder attention")
-        if timestamps and bundle.model.ctc is None:
-            raise ValueError("--timestamps needs a CTC head (word times come from a CTC forced alignment), and "
-                             f"this model has none ({why})")
+        self.timing: Timing | None = timing_source(bundle) if timestamps else None
         self.precision = precision
         self.bundle = bundle
         self.model = bundle.model.to(device).eval()
@@ -183,7 +222,8 @@ class Transcriber:
 
             prepack_linears(self.model.decoder_layers)
         self.tokenizer = bundle.tokenizer
-        self.rules = self.tokenizer.rules()
+        # Whisper with timestamps: no <|notimestamps|> in the prompt, the timestamp rules on
+        self.rules = self.tokenizer.rules(timestamps=True) if self.timing == "whisper" else self.tokenizer.rules()
         self.device = torch.device(device)
         self.whisper = self.model.config.frontend == "whisper"
         self.options = DecodeOptions.for_model(self.model, beam_size, decoder=decoder, ctc_weight=ctc_weight)
@@ -243,14 +283,14 @@ class Transcriber:
 
     def transcribe_waveforms(self, wavs: Sequence[Tensor]) -> list[str]:
         """Texts for 1-D float waveforms at the model's sample rate (each within one chunk)."""
-        return [text for text, _ in self.transcribe_segments(wavs)]
+        return [w.text for w in self.transcribe_segments(wavs)]
 
     @torch.inference_mode()
-    def transcribe_segments(self, wavs: Sequence[Tensor]) -> list[tuple[str, list[Word] | None]]:
-        """(text, words) for 1-D waveforms; words (seconds from each waveform's start) only
-        with ``timestamps``."""
+    def transcribe_segments(self, wavs: Sequence[Tensor]) -> list[WindowResult]:
+        """Text and, with ``timestamps``, words (CTC) or segments (Whisper) for 1-D waveforms
+        (each within one chunk), in seconds from each waveform's start."""
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
-        out: list[tuple[str, list[Word] | None]] = [("", [] if self.timestamps else None)] * len(wavs)
+        out = [self._nothing()] * len(wavs)
         # a Whisper window always costs 30 s of encoder, however short its audio
         costs = [self.model.frontend.chunk_samples if self.whisper else len(wavs[i]) for i in order]
         for batch in self._batches(costs):
@@ -260,10 +300,18 @@ class Transcriber:
         return out
 
     # --------------------------------------------------------------- internals
-    def _decode_chunks(self, wavs: Sequence[Tensor]) -> list[tuple[str, list[Word] | None]]:
+    def _decode_chunks(self, wavs: Sequence[Tensor]) -> list[WindowResult]:
         if self.timestamps:
             return self.transcribe_segments(wavs)
-        return [(text, None) for text in self.transcribe_waveforms(wavs)]
+        return [WindowResult(text) for text in self.transcribe_waveforms(wavs)]
+
+    def _nothing(self) -> WindowResult:
+        """An empty window (silence): no text, and no words or segments."""
+        return WindowResult("", [] if self.timing == "ctc" else None, [] if self.timing == "whisper" else None)
+
+    def _result(self, item: AudioItem, duration: float) -> TranscriptResult:
+        return TranscriptResult(item.key, item.path, duration=duration, words=[] if self.timing == "ctc" else None,
+                                segments=[] if self.timing == "whisper" else None)
 
     def _is_long(self, item: AudioItem) -> int | None:
         """``id(item)`` when the whole file is to be read block by block, else None."""
@@ -280,7 +328,7 @@ class Transcriber:
         chunks transcribed, except the last chunk (it may run past the block), which starts the
         next block. Memory stays that of one block, whatever the file's length."""
         total = audio_info(item.path)[3]
-        result = TranscriptResult(item.key, item.path, duration=total, words=[] if self.timestamps else None)
+        result = self._result(item, total)
         texts: list[str] = []
         pos = 0.0
         while pos < total - 0.01:
@@ -303,11 +351,10 @@ class Transcriber:
                 spans = spans[:-1]
             else:
                 carry = len(wav)
-            for (s, _), (text, words) in zip(spans, self._decode_chunks([wav[s:e] for s, e in spans])):
-                if text:
-                    texts.append(text)
-                if words and result.words is not None:  # times from the file's start
-                    result.words += [w.shifted(pos + s / self.sample_rate) for w in words]
+            for (s, _), window in zip(spans, self._decode_chunks([wav[s:e] for s, e in spans])):
+                if window.text:
+                    texts.append(window.text)
+                result.add_times(window, pos + s / self.sample_rate)
             pos += max(carry, 1) / self.sample_rate
         result.text = " ".join(texts)
         return result
@@ -330,8 +377,7 @@ class Transcriber:
             if isinstance(wav, Exception):
                 results.append(TranscriptResult(item.key, item.path, error=str(wav)))
                 continue
-            results.append(TranscriptResult(item.key, item.path, duration=len(wav) / self.sample_rate,
-                                            words=[] if self.timestamps else None))
+            results.append(self._result(item, len(wav) / self.sample_rate))
             if len(wav) <= max_samples:
                 segments.append((n, 0, wav))
             else:
@@ -341,11 +387,11 @@ class Transcriber:
                     segments.append((n, s, wav[s:e]))
         decoded = self._decode_chunks([w for _, _, w in segments])
         pieces: dict[int, list[str]] = {}
-        for (n, start, _), (text, words) in zip(segments, decoded):
-            if text:
-                pieces.setdefault(n, []).append(text)
-            if words:  # times from the file's start (chunks after the first begin later)
-                results[n].words += [w.shifted(items[n].offset + start / self.sample_rate) for w in words]
+        for (n, start, _), window in zip(segments, decoded):
+            if window.text:
+                pieces.setdefault(n, []).append(window.text)
+            # times from the file's start (chunks after the first begin later)
+            results[n].add_times(window, items[n].offset + start / self.sample_rate)
         for n, result in enumerate(results):
             if result.ok:
                 result.text = " ".join(pieces.get(n, []))
@@ -364,8 +410,8 @@ class Transcriber:
         if batch:
             yield batch
 
-    def _run(self, wavs: Sequence[Tensor]) -> list[tuple[str, list[Word] | None]]:
-        out: list[tuple[str, list[Word] | None]] = [("", [] if self.timestamps else None)] * len(wavs)
+    def _run(self, wavs: Sequence[Tensor]) -> list[WindowResult]:
+        out = [self._nothing()] * len(wavs)
         # digital silence has nothing to say: do not ask the model (it may hallucinate)
         live = [i for i, w in enumerate(wavs) if len(w) and float(w.abs().max()) > SILENCE_PEAK]
         if not live:
@@ -378,25 +424,35 @@ class Transcriber:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             memory, mem_lengths, _ = self.model.encode(batch.to(self.device), lengths.to(self.device))
             hyps = decode(self.model, memory, mem_lengths, self.options, self.rules)
-            log_probs = self.model.ctc_log_probs(memory).cpu() if self.timestamps else None
+            log_probs = self.model.ctc_log_probs(memory).cpu() if self.timing == "ctc" else None
         for row, (i, hyp) in enumerate(zip(live, hyps)):
-            words = None
+            tokens = self._kept(hyp)
+            duration = len(wavs[i]) / self.sample_rate
+            words = segments = None
             if log_probs is not None:
                 n = int(mem_lengths[row])
-                words = word_timestamps(log_probs[row, :n], hyp.tokens, self.tokenizer.pieces(hyp.tokens),
-                                        self.model.config.blank_id, self.clock, len(wavs[i]) / self.sample_rate)
-            out[i] = (self._text(hyp), words)
+                words = word_timestamps(log_probs[row, :n], tokens, self.tokenizer.pieces(tokens),
+                                        self.model.config.blank_id, self.clock, duration)
+            elif self.timing == "whisper":
+                assert self.rules.timestamp_begin is not None
+                segments = whisper_segments(tokens, self.rules.timestamp_begin, self.tokenizer.decode, duration,
+                                            WHISPER_TIME_PRECISION)
+            out[i] = WindowResult(self.tokenizer.decode(tokens), words, segments)
         return out
 
-    def _text(self, hyp: Hypothesis) -> str:
-        """The transcript of one window, after Whisper's guards against silence and loops."""
+    def _kept(self, hyp: Hypothesis) -> list[int]:
+        """The tokens of one window kept after Whisper's guards against silence and loops."""
         if (hyp.no_speech_prob is not None and hyp.no_speech_prob > self.no_speech_threshold
                 and hyp.avg_logprob < self.logprob_threshold):
-            return ""  # Whisper's rule: probably no speech, and an unsure transcript
+            return []  # Whisper's rule: probably no speech, and an unsure transcript
         tokens = hyp.tokens
         if self.whisper and compression_ratio(self.tokenizer.decode(tokens)) > self.compression_ratio_threshold:
             tokens = trim_repetition(tokens)
-        return self.tokenizer.decode(tokens)
+        return tokens
+
+    def _text(self, hyp: Hypothesis) -> str:
+        """The transcript of one window, after Whisper's guards."""
+        return self.tokenizer.decode(self._kept(hyp))
 
 
 SILENCE_PEAK = 1e-4  # -80 dBFS

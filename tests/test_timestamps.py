@@ -155,7 +155,9 @@ def test_long_audio_word_times_are_offset_by_each_window_start(overfit_model, tm
     assert [w.start for w in streamed.words] == pytest.approx([w.start for w in result.words], abs=0.05)
 
 
-def test_timestamps_fail_early_for_a_model_without_ctc_head_such_as_whisper(tmp_path):
+def test_timestamps_fail_early_naming_the_flag_for_a_model_without_ctc_head_or_whisper_time_tokens(tmp_path, capsys):
+    """A Whisper-shaped model with a sentencepiece tokenizer has neither a CTC head nor time
+    tokens: --timestamps and --format srt fail before any audio is read, each naming itself."""
     from speechformer.model import ModelConfig, SpeechTransformer
     from speechformer.tokenizer import train_tokenizer
     from speechformer.transcribe import ModelBundle, Transcriber, export_model
@@ -164,13 +166,20 @@ def test_timestamps_fail_early_for_a_model_without_ctc_head_such_as_whisper(tmp_
     cfg = ModelConfig.whisper(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
                               n_vocab=tok.vocab_size, n_text_ctx=16, n_text_state=32, n_text_head=2, n_text_layer=1)
     bundle = ModelBundle(SpeechTransformer(cfg).eval(), tok)
-    with pytest.raises(ValueError, match="--timestamps needs a CTC head.*Whisper"):
+    with pytest.raises(ValueError, match="--timestamps: this model cannot time its transcript.*CTC head.*Whisper"):
         Transcriber(bundle, timestamps=True)
     with pytest.raises(ValueError, match="--decoder joint needs a CTC head"):
         Transcriber(bundle, decoder="joint", beam_size=2)
     export_model(bundle, tmp_path / "model")
     sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+    # the message names the option the user typed, not --timestamps: one line, exit 2
     proc = run_cli("transcribe", "--model", str(tmp_path / "model"), str(tmp_path / "a.wav"), "--format", "srt")
-    assert proc.returncode == 2 and "needs a CTC head" in proc.stderr and "Whisper" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --format srt: this model cannot time"), proc.stderr
+    assert "--timestamps needs" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    from speechformer.cli import main
+
+    for flags, named in ((["--format", "vtt"], "--format vtt"), (["--format", "json", "--timestamps"], "--timestamps")):
+        assert main(["transcribe", "--model", str(tmp_path / "model"), str(tmp_path / "a.wav"), *flags]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {named}: this model cannot time")
     proc = run_cli("transcribe", "--model", str(tmp_path / "model"), str(tmp_path / "a.wav"), "--ctc-weight", "0.5")
     assert proc.returncode == 2 and "--decoder joint" in proc.stderr
