@@ -67,6 +67,7 @@ def main() -> int:
                                     rounds=args.rounds)
                 rows.append([f"{shape} {precision}", median(times["base"]) * 1e3, median(times["new"]) * 1e3,
                              ratio(times, "base", "new")])
+                print(*rows[-1], sep="\t", flush=True)
     print(f"{args.threads} threads, {args.rounds} interleaved rounds, base = {args.base}\n")
     print(markdown_table(["shape, precision", f"{args.base} ms/step", "this checkout ms/step", "base / new x"], rows))
     return 0

@@ -277,7 +277,7 @@ class DecoderLayer(nn.Module):
         self.self_norm = nn.LayerNorm(d_model, eps=eps)
         self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias)
         self.cross_norm = nn.LayerNorm(d_model, eps=eps)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias, cross=True)
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
         self.dropout = Dropout(dropout)
