@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -138,3 +139,36 @@ def test_no_key_bias_stays_zero_through_training_steps():
         opt.step()
         opt.zero_grad()
     assert not mha.qkv.bias[32:64].any() and mha.qkv.bias[:32].abs().sum() > 0
+
+
+def _loss_and_grads(model: SpeechTransformer, batch: tuple, bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    feats, frames, tokens, token_lengths = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        memory, lengths, _ = model.encode_features(feats, frames)
+        loss = model.losses(memory, lengths, tokens, token_lengths)["loss"]
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_step_equals_the_plain_path(monkeypatch, bf16):
+    """The CPU training step (in-place score scaling and masking, in-place ReLU) gives the loss and
+    every parameter gradient of the written-out formula with out-of-place ReLU, on the same weights
+    and batch (padded frames, causal decoder, CTC), in fp32 and under bf16 autocast."""
+    attention_module = sys.modules["speechformer.model.attention"]  # (the package exports a function of that name)
+    torch.manual_seed(0)
+    model = SpeechTransformer(ModelConfig(**TINY)).train()
+    batch = (torch.randn(3, 50, 20), torch.tensor([50, 37, 22]), torch.randint(4, 40, (3, 5)), torch.tensor([5, 3, 4]))
+    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in model.modules())
+    fast_loss, fast_grads = _loss_and_grads(model, batch, bf16)
+    monkeypatch.setattr(attention_module, "attention_for_training",
+                        lambda q, k, v, mask=None: attention_module.attention(q, k, v, mask)[0])
+    for m in model.modules():
+        if isinstance(m, torch.nn.ReLU):
+            monkeypatch.setattr(m, "inplace", False)
+    plain_loss, plain_grads = _loss_and_grads(model, batch, bf16)
+    tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast_loss, plain_loss, **tol)
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, **tol)

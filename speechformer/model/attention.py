@@ -43,6 +43,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tu
     return weights @ v, weights
 
 
+def attention_for_training(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """:func:`attention`'s output, with the scale and the mask applied in place to the scores.
+
+    Two fewer ``[..., Tq, Tk]`` tensors are written and read per layer (autograd allows it: the
+    score matmul's backward needs its inputs, not its output). The CPU training path.
+    """
+    scores = q @ k.transpose(-2, -1)
+    scores.mul_(1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary positions (RoPE, Su et al. 2021): rotate each query and key by its position.
 
@@ -249,7 +262,7 @@ class MultiHeadAttention(nn.Module):
             # Training on CPU: the written-out formula (plain matmuls, bf16 under autocast) runs
             # forward+backward about 1.4x faster than the fused CPU kernel at speech lengths
             # (benchmarks/README.md); inference keeps the fused kernel.
-            y, _ = attention(q, k, v, causal_mask(q.shape[2], q.device) if is_causal else mask)
+            y = attention_for_training(q, k, v, causal_mask(q.shape[2], q.device) if is_causal else mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal,
