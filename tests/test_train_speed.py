@@ -129,16 +129,23 @@ def test_old_layout_state_dict_and_export_load_with_identical_outputs(tmp_path, 
         assert torch.equal(loaded.encode_features(feats, frames)[0], memory)
 
 
-def test_no_key_bias_stays_zero_through_training_steps():
-    """Whisper's keys have no bias: the fused bias's key rows get no gradient, so AdamW leaves them 0."""
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("assign", [False, True])
+def test_no_key_bias_stays_zero_through_training_steps(cross, assign):
+    """Whisper's keys have no bias: the fused bias's key rows get no gradient, so AdamW leaves them 0,
+    also after a load that replaces the parameters (``assign=True``: exported models, fine-tuning)."""
     torch.manual_seed(0)
-    mha = MultiHeadAttention(32, 4, key_bias=False).train()
+    mha = MultiHeadAttention(32, 4, key_bias=False, cross=cross).train()
+    mha.load_state_dict(MultiHeadAttention(32, 4, key_bias=False, cross=cross).state_dict(), assign=assign)
     opt = torch.optim.AdamW(mha.parameters(), lr=0.1)
     for _ in range(3):
-        mha(torch.randn(2, 6, 32))[0].square().sum().backward()
+        x = torch.randn(2, 6, 32)
+        mha(x, source=x if cross else None)[0].square().sum().backward()
         opt.step()
         opt.zero_grad()
-    assert not mha.qkv.bias[32:64].any() and mha.qkv.bias[:32].abs().sum() > 0
+    bias = mha.kv.bias if cross else mha.qkv.bias
+    key = bias[:32] if cross else bias[32:64]
+    assert not key.any() and bias.abs().sum() > 0
 
 
 def _loss_and_grads(model: SpeechTransformer, batch: tuple, bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

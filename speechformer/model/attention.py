@@ -126,6 +126,11 @@ def _zero_key_grad(start: int, end: int, grad: Tensor) -> Tensor:
     return grad
 
 
+def _after_load(module: "MultiHeadAttention", _incompatible: object) -> None:
+    """``load_state_dict(assign=True)`` replaces the bias parameter: hold the new one's key rows too."""
+    module._hold_key_bias_at_zero()
+
+
 def _fuse_separate_projections(module: "MultiHeadAttention", state_dict: dict, prefix: str, *_: object) -> None:
     """Load-time conversion: state dicts written before the projections were fused (``.ckpt`` files,
     exported ``model.safetensors``, Whisper imports) hold ``query``/``key``/``value``; they become the
@@ -174,15 +179,32 @@ class MultiHeadAttention(nn.Module):
             self.kv = nn.Linear(d_model, 2 * d_model)
         else:
             self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.key_bias = key_bias
         if not key_bias:
-            fused, start = (self.kv, 0) if cross else (self.qkv, d_model)
             with torch.no_grad():
-                fused.bias[start:start + d_model].zero_()
-            fused.bias.register_hook(partial(_zero_key_grad, start, start + d_model))
+                self._key_rows(self._fused().bias).zero_()
+            self._hold_key_bias_at_zero()
         self.out = nn.Linear(d_model, d_model)
         # rotary positions (self-attention over a full sequence: the encoder)
         self.rotary = RotaryEmbedding(self.head_dim) if rotary else None
         self.register_load_state_dict_pre_hook(_fuse_separate_projections)
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _fused(self) -> nn.Linear:
+        return self.kv if self.cross else self.qkv
+
+    def _key_rows(self, x: Tensor) -> Tensor:
+        start = 0 if self.cross else self.d_model
+        return x[start:start + self.d_model]
+
+    def _hold_key_bias_at_zero(self) -> None:
+        """Without a key bias (Whisper), the fused bias's key rows never get a gradient (once per parameter)."""
+        bias = self._fused().bias
+        if self.key_bias or not isinstance(bias, nn.Parameter) or getattr(bias, "_key_rows_held", False):
+            return
+        start = 0 if self.cross else self.d_model
+        bias.register_hook(partial(_zero_key_grad, start, start + self.d_model))
+        bias._key_rows_held = True
 
     def _split(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, Dh]
         b, t, _ = x.shape

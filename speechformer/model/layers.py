@@ -166,7 +166,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
         # ReLU in place: fc1's output is not kept for its backward, so it needs no copy of its own
-        self.act = {"gelu": nn.GELU(), "silu": nn.SiLU()}.get(activation) or nn.ReLU(inplace=True)
+        others = {"gelu": nn.GELU, "silu": nn.SiLU}
+        self.act = others[activation]() if activation in others else nn.ReLU(inplace=True)
         self.dropout = Dropout(dropout)  # on the wide activations (config: activation_dropout)
         self.fc2 = nn.Linear(d_ff, d_model)
 
