@@ -40,7 +40,7 @@ def load_script(path: Path, name: str):
 # ---------------------------------------------------------------------------- captured weights
 def _heads_out(mha: MultiHeadAttention, weights: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """The module's output recomputed by hand from the captured weights: out(merge(W @ V))."""
-    v = mha._split(mha.value(source))
+    v = mha.project_kv(source)[1]
     y = weights @ v
     b, h, t, dh = y.shape
     return mha.out(y.transpose(1, 2).reshape(b, t, h * dh))

@@ -403,8 +403,8 @@ def test_finetuning_an_imported_model_with_frozen_encoder(tmp_path, tiny_corpus)
     before, after = load_model(pretrained).model.state_dict(), load_model(tmp_path / "finetuned").model.state_dict()
     encoder = [k for k in before if k.startswith(("subsampling.", "encoder_"))]
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
-    assert not torch.equal(before["decoder_layers.0.self_attn.query.weight"],
-                           after["decoder_layers.0.self_attn.query.weight"])
+    assert not torch.equal(before["decoder_layers.0.self_attn.qkv.weight"],
+                           after["decoder_layers.0.self_attn.qkv.weight"])
     bundle = load_model(tmp_path / "finetuned")
     assert isinstance(bundle.tokenizer, WhisperTokenizer)
     from speechformer.data import read_manifest

@@ -18,6 +18,7 @@ to see the weights (``need_weights=True``) and by the tests as the reference.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tu
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     return weights @ v, weights
+
+
+def attention_for_training(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """:func:`attention`'s output, with the scale and the mask applied in place to the scores.
+
+    Two fewer ``[..., Tq, Tk]`` tensors are written and read per layer (autograd allows it: the
+    score matmul's backward needs its inputs, not its output). The CPU training path.
+    """
+    scores = q @ k.transpose(-2, -1)
+    scores.mul_(1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 class RotaryEmbedding(nn.Module):
@@ -105,6 +119,35 @@ class KVCache:
             self.v = self.v.index_select(0, index)
 
 
+def _zero_key_grad(start: int, end: int, grad: Tensor) -> Tensor:
+    """The fused bias's key slice gets no gradient: a model without a key bias keeps it at zero."""
+    grad = grad.clone()
+    grad[start:end] = 0
+    return grad
+
+
+def _after_load(module: "MultiHeadAttention", _incompatible: object) -> None:
+    """``load_state_dict(assign=True)`` replaces the bias parameter: hold the new one's key rows too."""
+    module._hold_key_bias_at_zero()
+
+
+def _fuse_separate_projections(module: "MultiHeadAttention", state_dict: dict, prefix: str, *_: object) -> None:
+    """Load-time conversion: state dicts written before the projections were fused (``.ckpt`` files,
+    exported ``model.safetensors``, Whisper imports) hold ``query``/``key``/``value``; they become the
+    fused ``qkv`` (self-attention) or ``kv`` (cross-attention) rows, a missing key bias as zeros."""
+    fused, parts = ("kv", ("key", "value")) if module.cross else ("qkv", ("query", "key", "value"))
+    if not all(f"{prefix}{name}.weight" in state_dict for name in parts):
+        return  # the fused layout already, or incomplete (load_state_dict reports what is missing)
+    weights, biases = [], []
+    for name in parts:
+        w = state_dict.pop(f"{prefix}{name}.weight")
+        b = state_dict.pop(f"{prefix}{name}.bias", None)
+        weights.append(w)
+        biases.append(w.new_zeros(w.shape[0]) if b is None else b)
+    state_dict[f"{prefix}{fused}.weight"] = torch.cat(weights)
+    state_dict[f"{prefix}{fused}.bias"] = torch.cat(biases)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: several lookups in parallel, each in its own subspace.
 
@@ -113,28 +156,76 @@ class MultiHeadAttention(nn.Module):
     Used for encoder self-attention, causal decoder self-attention and cross-attention
     (queries from the decoder, keys/values from the encoder memory). ``rotary=True``
     rotates queries and keys by their positions (:class:`RotaryEmbedding`) before the lookup.
+
+    The projections are fused: self-attention computes queries, keys and values in one
+    ``qkv`` matmul (``[3 d_model, d_model]``, rows q | k | v), cross-attention (``cross=True``)
+    its keys and values from the memory in one ``kv`` matmul next to its ``query``: one
+    activation cast and one kernel instead of three. ``key_bias=False`` (Whisper) keeps the
+    key rows' bias at zero (a key bias shifts all of a query's scores equally, so softmax
+    ignores it). State dicts with separate ``query``/``key``/``value`` load unchanged (converted
+    by :func:`_fuse_separate_projections`).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, key_bias: bool = True,
-                 rotary: bool = False) -> None:
+                 rotary: bool = False, cross: bool = False) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
+        self.d_model = d_model
         self.dropout = dropout
-        self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model, bias=key_bias)
-        self.value = nn.Linear(d_model, d_model)
+        self.cross = cross
+        if cross:
+            self.query = nn.Linear(d_model, d_model)
+            self.kv = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.key_bias = key_bias
+        if not key_bias:
+            with torch.no_grad():
+                self._key_rows(self._fused().bias).zero_()
+            self._hold_key_bias_at_zero()
         self.out = nn.Linear(d_model, d_model)
         # rotary positions (self-attention over a full sequence: the encoder)
         self.rotary = RotaryEmbedding(self.head_dim) if rotary else None
+        self.register_load_state_dict_pre_hook(_fuse_separate_projections)
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _fused(self) -> nn.Linear:
+        return self.kv if self.cross else self.qkv
+
+    def _key_rows(self, x: Tensor) -> Tensor:
+        start = 0 if self.cross else self.d_model
+        return x[start:start + self.d_model]
+
+    def _hold_key_bias_at_zero(self) -> None:
+        """Without a key bias (Whisper), the fused bias's key rows never get a gradient (once per parameter)."""
+        bias = self._fused().bias
+        if self.key_bias or not isinstance(bias, nn.Parameter) or getattr(bias, "_key_rows_held", False):
+            return
+        start = 0 if self.cross else self.d_model
+        bias.register_hook(partial(_zero_key_grad, start, start + self.d_model))
+        bias._key_rows_held = True
 
     def _split(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, Dh]
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
 
+    def _heads(self, x: Tensor, n: int) -> tuple[Tensor, ...]:
+        """[B, T, n * D] (n fused projections) -> n views [B, H, T, Dh]."""
+        b, t, _ = x.shape
+        return x.view(b, t, n, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
     def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of ``source`` split into heads (cached once for cross-attention)."""
-        return self._split(self.key(source)), self._split(self.value(source))
+        if self.cross:
+            return self._heads(self.kv(source), 2)
+        d = self.d_model  # a self-attention module asked for another sequence's keys: its k | v rows
+        return self._heads(F.linear(source, self.qkv.weight[d:], self.qkv.bias[d:]), 2)
+
+    def _query(self, x: Tensor) -> Tensor:
+        if self.cross:
+            return self._split(self.query(x))
+        return self._split(F.linear(x, self.qkv.weight[:self.d_model], self.qkv.bias[:self.d_model]))
 
     def forward(
         self,
@@ -155,11 +246,14 @@ class MultiHeadAttention(nn.Module):
             consecutive query rows, the beams of one utterance); otherwise the new
             keys/values are appended and the query attends to everything cached so far.
         """
-        q = self._split(self.query(x))
         if cache is not None and static_kv:
+            q = self._query(x)
             k, v = cache.k[:, :, :cache.length], cache.v[:, :, :cache.length]
         else:
-            k, v = self.project_kv(x if source is None else source)
+            if source is None and not self.cross:
+                q, k, v = self._heads(self.qkv(x), 3)  # one matmul for all three
+            else:
+                q, (k, v) = self._query(x), self.project_kv(x if source is None else source)
             if cache is not None:
                 k, v = cache.append(k, v)
         if self.rotary is not None:
@@ -190,7 +284,7 @@ class MultiHeadAttention(nn.Module):
             # Training on CPU: the written-out formula (plain matmuls, bf16 under autocast) runs
             # forward+backward about 1.4x faster than the fused CPU kernel at speech lengths
             # (benchmarks/README.md); inference keeps the fused kernel.
-            y, _ = attention(q, k, v, causal_mask(q.shape[2], q.device) if is_causal else mask)
+            y = attention_for_training(q, k, v, causal_mask(q.shape[2], q.device) if is_causal else mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal,

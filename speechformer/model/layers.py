@@ -92,8 +92,8 @@ class Conv2dSubsampling(nn.Module):
     def __init__(self, n_mels: int, d_model: int, channels: int) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(1, channels, 3, stride=2), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(1, channels, 3, stride=2), nn.ReLU(inplace=True),  # in place: conv outputs are not
+            nn.Conv2d(channels, channels, 3, stride=2), nn.ReLU(inplace=True),  # kept for the backward
         )
         freq = ((n_mels - 1) // 2 - 1) // 2
         self.proj = nn.Linear(channels * freq, d_model)
@@ -184,7 +184,9 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
-        self.act = {"gelu": nn.GELU, "silu": nn.SiLU}.get(activation, nn.ReLU)()
+        # ReLU in place: fc1's output is not kept for its backward, so it needs no copy of its own
+        others = {"gelu": nn.GELU, "silu": nn.SiLU}
+        self.act = others[activation]() if activation in others else nn.ReLU(inplace=True)
         self.dropout = Dropout(dropout)  # on the wide activations (config: activation_dropout)
         self.fc2 = nn.Linear(d_ff, d_model)
 
@@ -296,7 +298,7 @@ class DecoderLayer(nn.Module):
         self.self_norm = nn.LayerNorm(d_model, eps=eps)
         self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias)
         self.cross_norm = nn.LayerNorm(d_model, eps=eps)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias, cross=True)
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
         self.dropout = Dropout(dropout)
