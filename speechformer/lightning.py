@@ -105,6 +105,21 @@ def _fix_lightning_displays(trainer: L.Trainer) -> None:
             callback.__class__ = _ModelSummary
 
 
+def _refuse_resume_of_separate_projections(checkpoint: dict[str, Any]) -> None:
+    """A training checkpoint from before the attention projections were fused holds the optimiser's
+    moments per ``query``/``key``/``value`` tensor, which Lightning would pair with the wrong
+    parameters. Its weights convert (``model.init_from``); its optimiser state does not: say so
+    instead of resuming wrongly or with a traceback."""
+    if not checkpoint.get("optimizer_states"):
+        return
+    old = next((k for k in checkpoint.get("state_dict", {}) if k.endswith(("attn.key.weight", "attn.value.weight"))),
+               None)  # the fused layout has attn.qkv (self) and attn.query + attn.kv (cross) only
+    if old is not None:
+        raise ValueError("the checkpoint was written by a speechformer before the fused attention projections "
+                         f"(it holds {old}): its optimiser state cannot be resumed; finish the run with the version "
+                         "that wrote it, or start a new run from its weights with --model.init_from CKPT")
+
+
 class SpeechModule(L.LightningModule):
     """Trains a :class:`SpeechTransformer` with label-smoothed CE + weighted CTC."""
 
@@ -430,6 +445,7 @@ class SpeechModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _refuse_resume_of_separate_projections(checkpoint)
         meta = checkpoint.get("speechformer", {})
         self.max_input_seconds = max(self.max_input_seconds, float(meta.get("max_input_seconds") or 0.0))
         self.skipped_batches = int(meta.get("skipped_batches") or 0)

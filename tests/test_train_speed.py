@@ -179,3 +179,22 @@ def test_training_step_equals_the_plain_path(monkeypatch, bf16):
     torch.testing.assert_close(fast_loss, plain_loss, **tol)
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_resuming_a_checkpoint_with_separate_projections_is_refused_naming_init_from():
+    """A training checkpoint written before the fusion has optimiser moments per query/key/value
+    tensor: resuming it would pair them with the wrong parameters, so it is refused in words (its
+    weights still start a new run: ``model.init_from``); a fused-layout checkpoint resumes."""
+    from speechformer.lightning import SpeechModule
+
+    model = SpeechTransformer(ModelConfig(**TINY))
+    fused = {f"model.{k}": v for k, v in model.state_dict().items()}
+    old = {f"model.{k}": v for k, v in separate_projections(model.state_dict()).items()}
+    optimiser = [{"state": {}, "param_groups": []}]
+    module = SpeechModule.__new__(SpeechModule)  # the check runs before anything of the module is used
+    with pytest.raises(ValueError, match=r"before the fused attention projections.*--model\.init_from"):
+        module.on_load_checkpoint({"state_dict": old, "optimizer_states": optimiser})
+    from speechformer.lightning import _refuse_resume_of_separate_projections
+
+    _refuse_resume_of_separate_projections({"state_dict": fused, "optimizer_states": optimiser})  # no error
+    _refuse_resume_of_separate_projections({"state_dict": old})  # weights only (init_from, export): converted
