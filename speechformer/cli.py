@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import DEBUG_ENV, DEBUG_FLAG, debug_requested, run_reporting
+from .errors import DEBUG_ENV, DEBUG_FLAG, UserError, debug_requested, run_reporting
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -125,15 +125,15 @@ def cmd_average(args: argparse.Namespace) -> int:
         paths += [p for p in sorted(Path(args.ckpt_dir).glob("*.ckpt")) if p.name != "last.ckpt"
                   and not p.name.startswith("last")]
     if not paths:
-        print(f"error: no checkpoints found in {args.ckpt_dir or args.checkpoints}", file=sys.stderr)
-        return 2
+        raise UserError(args.ckpt_dir or " ".join(args.checkpoints) or "average", "no checkpoints found",
+                        "give .ckpt files, or --ckpt-dir with the checkpoints `speechformer fit` wrote")
     scored = [(s, p) for p in paths if (s := _checkpoint_score(p)) is not None]
     if len(scored) < len(paths):
         print(f"warning: {len(paths) - len(scored)} checkpoint(s) without a validation WER ignored", file=sys.stderr)
     chosen = [p for _, p in sorted(scored, key=lambda x: (x[0], str(x[1])))[:args.num]]
     if not chosen:
-        print("error: no checkpoint has a validation WER to rank by", file=sys.stderr)
-        return 2
+        raise UserError(args.ckpt_dir or " ".join(args.checkpoints), "no checkpoint has a validation WER to rank by",
+                        "give checkpoints written by `speechformer fit` with a validation manifest")
     first = load_checkpoint(chosen[0])
     total = {k: v.double().clone() if v.is_floating_point() else v for k, v in first["state_dict"].items()}
     for p in chosen[1:]:

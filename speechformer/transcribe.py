@@ -65,19 +65,21 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
                          "are accepted") from err
 
 
+# what to do about a damaged model, a folder's and a checkpoint's
 REEXPORT = "export the model again with `speechformer export` (or copy the folder again)"
+RECOPY = "copy the checkpoint again, or give one written by `speechformer fit`"
 
 
 def bundle_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> ModelBundle:
-    meta = ckpt.get("speechformer")
-    if not isinstance(meta, dict) or "config" not in meta:
+    meta = ckpt.get("speechformer") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "config" not in meta or not isinstance(ckpt.get("state_dict"), dict):
         raise UserError(source, "no speechformer metadata", "give a checkpoint written by `speechformer fit`")
-    model = SpeechTransformer(_model_config(meta["config"], source))
-    state = {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
-    load_weights(model, state, source)
-    tokenizer = _tokenizer(source, lambda: tokenizer_from_payload(
+    model = SpeechTransformer(_model_config(meta["config"], source, RECOPY))
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    load_weights(model, state, source, RECOPY)
+    tokenizer = _tokenizer(source, RECOPY, lambda: tokenizer_from_payload(
         meta["tokenizer"] if meta.get("tokenizer") else meta["tokenizer_model"]))
-    return ModelBundle(model.eval(), tokenizer, _max_input_seconds(meta, source), meta)
+    return ModelBundle(model.eval(), tokenizer, _max_input_seconds(meta, source, RECOPY), meta)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
@@ -94,11 +96,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBun
             raise UserError(path, f"no {CONFIG_FILE}", "give a folder written by `speechformer export` or "
                             "`speechformer import-whisper`, or a .ckpt file")
         meta = _read_config_json(cfg_path)
-        model = SpeechTransformer(_model_config(meta["model"], cfg_path))
-        load_weights(model, _read_safetensors(path / WEIGHTS_FILE), path / WEIGHTS_FILE, assign=True)
-        has_tokenizer = (path / MODEL_FILE).is_file() or (path / WHISPER_FILE).is_file()
-        tokenizer = _tokenizer(path, lambda: load_tokenizer(path)) if has_tokenizer else None  # an import without
-        bundle = ModelBundle(model.eval(), tokenizer, _max_input_seconds(meta, cfg_path), meta)
+        model = SpeechTransformer(_model_config(meta["model"], cfg_path, REEXPORT))
+        load_weights(model, _read_safetensors(path / WEIGHTS_FILE), path, REEXPORT, assign=True)
+        tok_file = next((path / f for f in (MODEL_FILE, WHISPER_FILE) if (path / f).is_file()), None)
+        tokenizer = _tokenizer(tok_file, REEXPORT, lambda: load_tokenizer(path)) if tok_file else None
+        bundle = ModelBundle(model.eval(), tokenizer, _max_input_seconds(meta, cfg_path, REEXPORT), meta)
     elif path.is_file():
         bundle = bundle_from_checkpoint(load_checkpoint(path), str(path))
     else:
@@ -121,19 +123,19 @@ def _read_config_json(cfg_path: Path) -> dict[str, Any]:
     return meta
 
 
-def _model_config(data: Any, source: object) -> ModelConfig:
+def _model_config(data: Any, source: object, redo: str) -> ModelConfig:
     """The config from a file's dict; a wrong key, type or value names the file."""
     try:
         return ModelConfig.from_dict(data)
     except ValueError as err:
-        raise UserError(source, str(err), f"fix the setting or {REEXPORT}") from err
+        raise UserError(source, str(err), f"fix the setting or {redo}") from err
 
 
-def _max_input_seconds(meta: dict[str, Any], source: object) -> float:
+def _max_input_seconds(meta: dict[str, Any], source: object, redo: str) -> float:
     value = meta.get("max_input_seconds") or DEFAULT_MAX_SECONDS
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise UserError(source, f"max_input_seconds must be a positive number of seconds, got {value!r}",
-                        f"fix the setting or {REEXPORT}")
+                        f"fix the setting or {redo}")
     return float(value)
 
 
@@ -147,16 +149,17 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
                         REEXPORT) from err
 
 
-def _tokenizer(source: object, load: Callable[[], AnyTokenizer]) -> AnyTokenizer:
+def _tokenizer(source: object, redo: str, load: Callable[[], AnyTokenizer]) -> AnyTokenizer:
     """``load()``, with a damaged tokenizer (sentencepiece raises RuntimeError) named."""
     try:
         return load()
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise UserError(source, f"its tokenizer cannot be read ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})", REEXPORT) from err
+        raise UserError(source, f"not a readable tokenizer ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})", redo) from err
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, Tensor], source: object, assign: bool = False) -> None:
+def load_weights(model: torch.nn.Module, state: dict[str, Tensor], source: object, redo: str = REEXPORT,
+                 assign: bool = False) -> None:
     """``model.load_state_dict(state)``, after checking the names and shapes: weights made for
     another config are one line naming the first difference and the count (not the ~180 lines of
     ``size mismatch`` torch prints)."""
@@ -176,7 +179,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, Tensor], source: objec
         problems.append(f"{len(unexpected)} tensors the config has no place for (the first: {unexpected[0]})")
     if problems:
         raise UserError(source, "weights and config do not match: " + ", ".join(problems),
-                        "the config and the weights come from different models; " + REEXPORT)
+                        "the config and the weights come from different models; " + redo)
     model.load_state_dict(state, assign=assign)
 
 
