@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import DEBUG_ENV, DEBUG_FLAG, UserError, debug_requested, run_reporting
+from .errors import DEBUG_ENV, DEBUG_FLAG, Command, UserError, debug_requested, run_reporting
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -498,7 +498,17 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}")
 
 
-SKIP_BAD_LINES = "set data.skip_bad_lines: true to train on the good lines"
+def lightning_command(name: str) -> Command:
+    """How fit/validate/test complete a message: bad settings come from flags or the config."""
+    return Command(name, hint=f"fix the setting on the command line or in the --config file (`speechformer "
+                   f"{name} --help` lists them)", manifest_hint="set data.skip_bad_lines: true to use the good lines")
+
+
+def command_of(args: argparse.Namespace) -> Command:
+    """``tokenizer train``, ``data validate``, ``prepare kaldi``: the command as typed."""
+    parts = [args.command] + [getattr(args, k) for k in ("tokenizer_command", "data_command", "corpus")
+                              if getattr(args, k, None)]
+    return Command(" ".join(parts))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -506,10 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (one ``error:`` line for the user's mistakes, a traceback for speechformer's bugs)."""
     debug, argv = debug_requested(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        return run_reporting(lambda: lightning_main(argv), debug, manifest_hint=SKIP_BAD_LINES)
+        return run_reporting(lambda: lightning_main(argv), debug, lightning_command(argv[0]))
     args = build_parser().parse_args(argv)
     _check_flags(args)
-    return run_reporting(lambda: _run(args), debug)
+    return run_reporting(lambda: _run(args), debug, command_of(args))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "SPEECHFORMER_DEBUG"
@@ -121,51 +123,84 @@ def _manifest_error(problems: Sequence[object], hint: str) -> str:
     return _one_line(str(first)) + rest
 
 
-def describe(err: BaseException, manifest_hint: str = "") -> str:
-    """The error line's text for ``err`` (without ``error: ``), always one line.
+@dataclass(frozen=True)
+class Command:
+    """The command reporting an error, for lines its message alone would not complete.
 
-    ``manifest_hint`` is added to a bad manifest's line (training says it can skip bad lines).
+    ``name`` is the WHAT of a message that names nothing (``fit: ...``), ``hint`` the
+    what-to-do of one that says nothing to do (default: its ``--help``), ``manifest_hint``
+    is added to a bad manifest's line (training can skip bad lines).
     """
+
+    name: str = "speechformer"
+    hint: str = ""
+    manifest_hint: str = ""
+
+    @property
+    def what_to_do(self) -> str:
+        return self.hint or f"see `speechformer {self.name} --help`"
+
+
+_NAMED = re.compile(r"[^\s;][^;]*?: \S")  # "WHAT: reason", WHAT without a semicolon
+
+
+def shaped(text: str, command: Command = Command()) -> str:
+    """``text`` in the ``WHAT: reason; what to do`` shape: a message that names nothing gets the
+    command's name, one that says nothing to do gets the command's hint."""
+    if not _NAMED.match(text.split("; ", 1)[0]):
+        text = f"{command.name}: {text}"
+    if "; " not in text:
+        text = f"{text}; {command.what_to_do}"
+    return text
+
+
+def describe(err: BaseException, command: Command = Command()) -> str:
+    """The error line's text for ``err`` (without ``error: ``): one line, in the rule's shape."""
+    return shaped(_text(err, command.manifest_hint), command)
+
+
+def _text(err: BaseException, manifest_hint: str) -> str:
     problems = getattr(err, "problems", None)  # a ManifestError: its first problem, and a count
     if isinstance(err, ValueError) and problems:
         return _manifest_error(problems, manifest_hint)
     if isinstance(err, OSError):
         return _os_error(err)
     name = type(err).__name__
-    if name == "OutOfMemoryError":
-        return (f"out of memory ({_first_line(str(err))}); give smaller batches (transcribe/evaluate "
-                "--batch-seconds, fit --data.max_batch_seconds) or use --device cpu")
+    if name == "OutOfMemoryError":  # torch's first two sentences: what ran out, and how much was asked for
+        said = ". ".join(_first_line(str(err)).split(". ")[:2]).rstrip(".")
+        return (f"GPU: out of memory ({said}); give smaller batches (transcribe/evaluate --batch-seconds, "
+                "fit --data.max_batch_seconds) or use --device cpu")
     if name == "MisconfigurationException":
         return (f"trainer: {_one_line(str(err))}; check the --trainer.* flags and the trainer: section of the "
                 "config (`speechformer fit --help`)")
     return _one_line(str(err)) or name
 
 
-def report(err: BaseException, debug: bool = False, manifest_hint: str = "") -> int:
+def report(err: BaseException, debug: bool = False, command: Command = Command()) -> int:
     """Print ``err`` as the rule says and return the exit status."""
     if isinstance(err, KeyboardInterrupt):
-        print("error: interrupted; re-run the command (with --resume or --ckpt_path last to keep finished work)",
-              file=sys.stderr)
+        print(f"error: {command.name}: interrupted; re-run the command (with --resume or --ckpt_path last to "
+              "keep the finished work)", file=sys.stderr)
         return INTERRUPTED_STATUS
     if is_user_error(err):
         if debug:
             traceback.print_exception(err, file=sys.stderr)
-        print(f"error: {describe(err, manifest_hint)}", file=sys.stderr)
+        print(f"error: {describe(err, command)}", file=sys.stderr)
         return USER_ERROR_STATUS
     traceback.print_exception(err, file=sys.stderr)
-    print(f"error: internal error: {type(err).__name__}: {_first_line(str(err))}; this is a bug in speechformer, "
-          "please report it with the traceback above", file=sys.stderr)
+    print(f"error: internal error: {type(err).__name__}: {_first_line(str(err)).replace(';', ',')}; this is a bug "
+          "in speechformer, please report it with the traceback above", file=sys.stderr)
     return INTERNAL_ERROR_STATUS
 
 
-def run_reporting(command: Callable[[], int | None], debug: bool = False, manifest_hint: str = "") -> int:
-    """``command()``'s exit status, or the status :func:`report` gives for what it raised.
+def run_reporting(run: Callable[[], int | None], debug: bool = False, command: Command = Command()) -> int:
+    """``run()``'s exit status, or the status :func:`report` gives for what it raised.
 
     ``SystemExit`` (argparse's usage errors, ``--help``) passes through untouched.
     """
     try:
-        return int(command() or 0)
+        return int(run() or 0)
     except SystemExit:
         raise
     except BaseException as err:  # noqa: BLE001 - every failure ends in the rule's line
-        return report(err, debug, manifest_hint)
+        return report(err, debug, command)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import HelpParser
+from ..cli import HelpParser, command_of
 from ..errors import debug_requested, run_reporting
 from . import PrepareError
 
@@ -144,7 +144,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, debug: bool = False) -> int:
     """Run a parsed command; a :class:`PrepareError` (any user error) becomes one ``error:`` line
     and status 2, as for every speechformer command (:mod:`speechformer.errors`)."""
-    return run_reporting(lambda: args.func(args), debug)
+    return run_reporting(lambda: args.func(args), debug, command_of(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
