@@ -495,7 +495,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag in ("beam_size", "vocab_size", "num", "limit", "flush_every", "top_k"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}")
+            raise UserError(f"--{flag.replace('_', '-')}", f"must be at least 1, got {value}",
+                            "give a whole number of 1 or more")
 
 
 def lightning_command(name: str) -> Command:
@@ -518,11 +519,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         return run_reporting(lambda: lightning_main(argv), debug, lightning_command(argv[0]))
     args = build_parser().parse_args(argv)
-    _check_flags(args)
     return run_reporting(lambda: _run(args), debug, command_of(args))
 
 
 def _run(args: argparse.Namespace) -> int:
+    _check_flags(args)
     if getattr(args, "device", None):  # --device cuda on a machine without one: refused before any work
         from .transcribe import check_device
 

@@ -156,6 +156,9 @@ CASES = [
     ("device-not-a-name", lambda tiny, tmp, mp: [
         "explain", "--model", str(tiny["model"]), "--device", "gpu0", str(tiny["wav"]), "--out", str(tmp / "e")],
      ["--device gpu0", "not a device name"]),
+    ("flag-out-of-range", lambda tiny, tmp, mp: [
+        "transcribe", "--model", str(tiny["model"]), "--beam-size", "0", str(tiny["wav"])],
+     ["--beam-size", "must be at least 1, got 0"]),
     # files that are not there, or in the way
     ("output-dir-under-a-file", lambda tiny, tmp, mp: [
         "transcribe", "--model", str(tiny["model"]), str(tiny["wav"]), "--output-dir", str(tiny["wav"] / "sub")],
