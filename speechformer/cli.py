@@ -378,31 +378,6 @@ def add_inspection_commands(sub: argparse._SubParsersAction) -> None:
     pl.set_defaults(func=cmd_plot)
 
 
-def add_decoding_flags(sp: argparse.ArgumentParser) -> None:
-    """The flags ``transcribe`` and ``evaluate`` share: the model and how to decode with it."""
-    sp.add_argument("--model", required=True, help="exported model directory or .ckpt")
-    sp.add_argument("--beam-size", type=int, default=1,
-                    help="hypotheses kept per step; 1 is greedy decoding (fastest)")
-    sp.add_argument("--decoder", choices=("attention", "joint", "ctc"), default="attention",
-                    help="attention: the decoder alone (greedy, or beam search with --beam-size); "
-                         "joint: beam search scored by the decoder and CTC prefix scores (--ctc-weight); "
-                         "ctc: the CTC head alone, greedy (fastest, no decoder pass)")
-    sp.add_argument("--ctc-weight", type=float, default=None,
-                    help="--decoder joint: weight of the CTC score, 0 (attention only) to 1 (CTC only) "
-                         "(default: 0.3)")
-    sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    sp.add_argument("--batch-seconds", type=float, default=240.0, help="audio seconds per batch (padded)")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                    help="bf16: bfloat16 matmuls (CPUs with AMX/AVX512-BF16, GPUs); about 1.7x faster on "
-                         "such a CPU, transcripts compared in benchmarks/README.md")
-    sp.add_argument("--language", default=None,
-                    help="Whisper multilingual models: language code (default: the one given at import)")
-    sp.add_argument("--task", choices=("transcribe", "translate"), default=None,
-                    help="Whisper multilingual models: transcribe, or translate into English (default: the one "
-                         "given at import)")
-
-
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = HelpParser(prog="speechformer", description=DESCRIPTION)
@@ -454,8 +429,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multilingual models: transcribe, or translate into English")
     w.set_defaults(func=cmd_import_whisper)
 
+    def decoding_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", required=True, help="exported model directory or .ckpt")
+        sp.add_argument("--beam-size", type=int, default=1,
+                        help="hypotheses kept per step; 1 is greedy decoding (fastest)")
+        sp.add_argument("--decoder", choices=("attention", "joint", "ctc"), default="attention",
+                        help="attention: the decoder alone (greedy, or beam search with --beam-size); "
+                             "joint: beam search scored by the decoder and CTC prefix scores (--ctc-weight); "
+                             "ctc: the CTC head alone, greedy (fastest, no decoder pass)")
+        sp.add_argument("--ctc-weight", type=float, default=None,
+                        help="--decoder joint: weight of the CTC score, 0 (attention only) to 1 (CTC only) "
+                             "(default: 0.3)")
+        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+        sp.add_argument("--batch-seconds", type=float, default=240.0, help="audio seconds per batch (padded)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: bfloat16 matmuls (CPUs with AMX/AVX512-BF16, GPUs); about 1.7x faster on "
+                             "such a CPU, transcripts compared in benchmarks/README.md")
+        sp.add_argument("--language", default=None,
+                        help="Whisper multilingual models: language code (default: the one given at import)")
+        sp.add_argument("--task", choices=("transcribe", "translate"), default=None,
+                        help="Whisper multilingual models: transcribe, or translate into English (default: the one "
+                             "given at import)")
+
     tr = sub.add_parser("transcribe", help="transcribe audio files, folders and globs")
-    add_decoding_flags(tr)
+    decoding_flags(tr)
     tr.add_argument("inputs", nargs="*", help="audio files, folders or glob patterns")
     tr.add_argument("--manifest", help="transcribe the utterances (or segments) of a JSONL manifest instead")
     tr.add_argument("--format", choices=("text", "tsv", "json", "srt", "vtt"), default="text",
@@ -477,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_transcribe)
 
     ev = sub.add_parser("evaluate", help="transcribe a manifest and score WER/CER with an error report")
-    add_decoding_flags(ev)
+    decoding_flags(ev)
     ev.add_argument("--manifest", required=True, help="JSONL manifest with the reference transcripts")
     ev.add_argument("--out", required=True, help="report folder")
     ev.add_argument("--name", default=None, help="name of the set in the summary table (default: the "
