@@ -119,6 +119,11 @@ def out_of_memory(monkeypatch) -> None:
     monkeypatch.setattr(transcribe.Transcriber, "transcribe_items", oom)
 
 
+def garbage(path: Path) -> Path:
+    path.write_bytes(os.urandom(200))
+    return path
+
+
 def missing(tmp: Path, name: str) -> str:
     return str(tmp / name)
 
@@ -143,9 +148,9 @@ CASES = [
      ["tokenizer.model", "not a readable tokenizer"]),
     ("model-missing", lambda tiny, tmp, mp: ["export", "--model", missing(tmp, "nope.ckpt"), "--out", str(tmp / "x")],
      ["nope.ckpt", "no such model file or folder"]),
-    ("checkpoint-garbage", lambda tiny, tmp, mp: [
-        "export", "--model", str((tmp / "bad.ckpt").write_bytes(os.urandom(200)) and tmp / "bad.ckpt"),
-        "--out", str(tmp / "x")], ["bad.ckpt", "not a loadable speechformer checkpoint"]),
+    ("checkpoint-garbage", lambda tiny, tmp, mp: ["export", "--model", str(garbage(tmp / "bad.ckpt")),
+                                                  "--out", str(tmp / "x")],
+     ["bad.ckpt", "not a loadable speechformer checkpoint"]),
     ("checkpoint-shapes-differ", lambda tiny, tmp, mp: ["export", "--model", str(_shrunk_ckpt(tiny, tmp)),
                                                         "--out", str(tmp / "x")],
      ["small.ckpt", "weights and config do not match", "copy the checkpoint again"]),
