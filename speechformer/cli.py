@@ -1,11 +1,7 @@
-"""The ``speechformer`` command.
+"""The ``speechformer`` command: every sub-command, and what a failure prints.
 
-``fit``, ``validate`` and ``test`` are Lightning's own (LightningCLI): every Trainer flag
-works (``--trainer.devices``, ``--trainer.precision``, ``--trainer.max_epochs``...), and
-``--config conf/x.yaml`` sets them from a file. The rest are small argparse commands:
-``data validate``, ``tokenizer train``, ``average``, ``export``, ``import-whisper``, ``transcribe``,
-``evaluate``, ``explain``, ``plot``, ``prepare CORPUS`` and ``compute-stats`` (the last two in
-:mod:`speechformer.prepare.cli`).
+The parser's description is :data:`DESCRIPTION` (plain text: ``--help`` shows it as written).
+Every failure ends as :mod:`speechformer.errors` says.
 """
 
 from __future__ import annotations
@@ -17,7 +13,48 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .errors import DEBUG_ENV, DEBUG_FLAG, Command, UserError, debug_requested, run_reporting
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+DESCRIPTION = f"""\
+Speech to text with transformers: prepare a corpus, train a tokenizer and a model,
+transcribe audio, score WER.
+
+fit, validate and test are Lightning's own commands (LightningCLI): every Trainer flag
+works (--trainer.devices, --trainer.precision, --trainer.max_epochs ...) and
+--config conf/x.yaml sets them from a file; `speechformer fit --help` lists them all.
+The other commands are listed below; `speechformer COMMAND --help` describes one.
+
+A command that fails because of its input prints one line, "error: WHAT: reason;
+what to do", and exits with status 2; --debug (or {DEBUG_ENV}=1) prints the
+traceback too.
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each option's default shown as ``(default: X)``.
+
+    The default is left out where the help already says it (a default computed at run time,
+    such as "cuda if available") and where it means "not given" (None, False, empty).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == "" or default == [] \
+            or default is argparse.SUPPRESS
+        if "default" in text or unset or action.required or not (action.option_strings or action.nargs in ("?", "*")):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class HelpParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` with :class:`HelpFormatter`; its sub-commands' parsers are too."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def lightning_main(argv: Sequence[str]) -> None:
@@ -174,15 +211,15 @@ def cmd_average(args: argparse.Namespace) -> int:
                   and not p.name.startswith("last")]
     check_output_files([args.out], paths, flag="--out", give="a new .ckpt path (outside --ckpt-dir)")
     if not paths:
-        print(f"error: no checkpoints found in {args.ckpt_dir or args.checkpoints}", file=sys.stderr)
-        return 2
+        raise UserError(args.ckpt_dir or " ".join(args.checkpoints) or "average", "no checkpoints found",
+                        "give .ckpt files, or --ckpt-dir with the checkpoints `speechformer fit` wrote")
     scored = [(s, p) for p in paths if (s := _checkpoint_score(p)) is not None]
     if len(scored) < len(paths):
         print(f"warning: {len(paths) - len(scored)} checkpoint(s) without a validation WER ignored", file=sys.stderr)
     chosen = [p for _, p in sorted(scored, key=lambda x: (x[0], str(x[1])))[:args.num]]
     if not chosen:
-        print("error: no checkpoint has a validation WER to rank by", file=sys.stderr)
-        return 2
+        raise UserError(args.ckpt_dir or " ".join(args.checkpoints), "no checkpoint has a validation WER to rank by",
+                        "give checkpoints written by `speechformer fit` with a validation manifest")
     first = load_checkpoint(chosen[0])
     total = {k: v.double().clone() if v.is_floating_point() else v for k, v in first["state_dict"].items()}
     for p in chosen[1:]:
@@ -464,9 +501,9 @@ def add_inspection_commands(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("audio", help="one audio file (one utterance)")
     ex.add_argument("--out", required=True, help="folder for the figures, arrays and index.html")
     ex.add_argument("--encoder-layer", type=int, default=-1,
-                    help="encoder layer whose self-attention to draw (0-based; default -1, the last)")
-    ex.add_argument("--top-k", type=int, default=5, help="next-token candidates per step (default 5)")
-    ex.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+                    help="encoder layer whose self-attention to draw (0-based; -1 is the last)")
+    ex.add_argument("--top-k", type=int, default=5, help="next-token candidates per step")
+    ex.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     ex.set_defaults(func=cmd_explain)
 
     pl = sub.add_parser("plot", help="training curves of a run (loss, WER/CER, learning rate) and its best epoch")
@@ -477,22 +514,25 @@ def add_inspection_commands(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speechformer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = HelpParser(prog="speechformer", description=DESCRIPTION)
+    p.add_argument(DEBUG_FLAG, action="store_true",
+                   help=f"on an error, print the traceback too (as {DEBUG_ENV}=1 does); accepted anywhere "
+                        "on the command line")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(name, help=f"Lightning {name} (see `speechformer {name} --help`)", add_help=False)
 
     tok = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer")
-    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     t = tok_sub.add_parser("train", help="train on the transcripts of one or more manifests")
     t.add_argument("--manifest", action="append", required=True, help="JSONL manifest (repeatable)")
-    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--vocab-size", type=int, required=True,
+                   help="number of pieces, the 4 reserved ones included (e.g. 500 for 100 hours)")
     t.add_argument("--out", required=True, help="folder for tokenizer.model")
     t.set_defaults(func=cmd_tokenizer_train)
 
     d = sub.add_parser("data", help="check manifests")
-    d_sub = d.add_subparsers(dest="data_command", required=True)
+    d_sub = d.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     v = d_sub.add_parser("validate", help="report every problem of a manifest with its line number "
                          "(exit status 1 when there is any)")
     v.add_argument("manifests", nargs="*", help="JSONL manifest(s) (default with --config: its train, valid and "
@@ -512,13 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("average", help="average the best N checkpoints by validation WER")
     a.add_argument("checkpoints", nargs="*", help="checkpoint files")
     a.add_argument("--ckpt-dir", help="folder of checkpoints (last.ckpt is skipped)")
-    a.add_argument("--num", type=int, default=5)
-    a.add_argument("--out", required=True)
+    a.add_argument("--num", type=int, default=5, help="how many of the best checkpoints to average")
+    a.add_argument("--out", required=True, help="checkpoint file to write (.ckpt)")
     a.set_defaults(func=cmd_average)
 
     e = sub.add_parser("export", help="write an inference directory (config.json, model.safetensors, tokenizer)")
     e.add_argument("--model", required=True, help="checkpoint (.ckpt)")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="model folder to write")
     e.set_defaults(func=cmd_export)
 
     w = sub.add_parser("import-whisper", help="convert OpenAI Whisper weights (openai .pt, Hugging Face or "
@@ -526,28 +566,33 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("src", help="openai-whisper .pt file, Hugging Face folder, or CTranslate2 folder")
     w.add_argument("--out", required=True, help="model folder to write")
     w.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one next to the weights)")
-    w.add_argument("--language", default="en", help="multilingual models: language code (default en)")
-    w.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
+    w.add_argument("--language", default="en", help="multilingual models: language code")
+    w.add_argument("--task", choices=("transcribe", "translate"), default="transcribe",
+                   help="multilingual models: transcribe, or translate into English")
     w.set_defaults(func=cmd_import_whisper)
 
     def decoding_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", required=True, help="exported model directory or .ckpt")
-        sp.add_argument("--beam-size", type=int, default=1)
+        sp.add_argument("--beam-size", type=int, default=1,
+                        help="hypotheses kept per step; 1 is greedy decoding (fastest)")
         sp.add_argument("--decoder", choices=("attention", "joint", "ctc"), default="attention",
                         help="attention: the decoder alone (greedy, or beam search with --beam-size); "
                              "joint: beam search scored by the decoder and CTC prefix scores (--ctc-weight); "
                              "ctc: the CTC head alone, greedy (fastest, no decoder pass)")
         sp.add_argument("--ctc-weight", type=float, default=None,
-                        help="--decoder joint: weight of the CTC score, 0 (attention only) to 1 (CTC only); "
-                             "default 0.3")
+                        help="--decoder joint: weight of the CTC score, 0 (attention only) to 1 (CTC only) "
+                             "(default: 0.3)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--batch-seconds", type=float, default=240.0, help="audio seconds per batch (padded)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
         sp.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: bfloat16 matmuls (CPUs with AMX/AVX512-BF16, GPUs); about 1.7x faster on "
                              "such a CPU, transcripts compared in benchmarks/README.md")
-        sp.add_argument("--language", default=None, help="Whisper multilingual models: language code")
-        sp.add_argument("--task", choices=("transcribe", "translate"), default=None, help="Whisper: task")
+        sp.add_argument("--language", default=None,
+                        help="Whisper multilingual models: language code (default: the one given at import)")
+        sp.add_argument("--task", choices=("transcribe", "translate"), default=None,
+                        help="Whisper multilingual models: transcribe, or translate into English (default: the one "
+                             "given at import)")
 
     tr = sub.add_parser("transcribe", help="transcribe audio files, folders and globs")
     decoding_flags(tr)
@@ -573,9 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="transcribe a manifest and score WER/CER with an error report")
     decoding_flags(ev)
-    ev.add_argument("--manifest", required=True)
+    ev.add_argument("--manifest", required=True, help="JSONL manifest with the reference transcripts")
     ev.add_argument("--out", required=True, help="report folder")
-    ev.add_argument("--name", default=None, help="name of the set in the summary table")
+    ev.add_argument("--name", default=None, help="name of the set in the summary table (default: the "
+                    "manifest's file name)")
     ev.set_defaults(func=cmd_evaluate)
     add_inspection_commands(sub)
 
@@ -589,22 +635,40 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag in ("beam_size", "vocab_size", "num", "limit", "flush_every", "top_k"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}")
+            raise UserError(f"--{flag.replace('_', '-')}", f"must be at least 1, got {value}",
+                            "give a whole number of 1 or more")
+
+
+def lightning_command(name: str) -> Command:
+    """How fit/validate/test complete a message: bad settings come from flags or the config."""
+    return Command(name, hint=f"fix the setting on the command line or in the --config file (`speechformer "
+                   f"{name} --help` lists them)", manifest_hint="set data.skip_bad_lines: true to use the good lines")
+
+
+def command_of(args: argparse.Namespace) -> Command:
+    """``tokenizer train``, ``data validate``, ``prepare kaldi``: the command as typed."""
+    parts = [args.command] + [getattr(args, k) for k in ("tokenizer_command", "data_command", "corpus")
+                              if getattr(args, k, None)]
+    return Command(" ".join(parts))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The ``speechformer`` command; every failure ends as :mod:`speechformer.errors` says
+    (one ``error:`` line for the user's mistakes, a traceback for speechformer's bugs)."""
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        lightning_main(argv)
-        return 0
+        return run_reporting(lambda: lightning_main(argv), debug, lightning_command(argv[0]))
     args = build_parser().parse_args(argv)
+    return run_reporting(lambda: _run(args), debug, command_of(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     _check_flags(args)
-    try:
-        return int(args.func(args) or 0)
-    except (OSError, ValueError) as err:  # bad input, missing files, a full disk: one line, no traceback
-        print(f"error: {err.strerror if isinstance(err, OSError) and err.strerror and not err.filename else err}",
-              file=sys.stderr)
-        return 2
+    if getattr(args, "device", None):  # --device cuda on a machine without one: refused before any work
+        from .transcribe import check_device
+
+        check_device(args.device)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

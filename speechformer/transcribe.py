@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .atomic import atomic_write, atomic_write_text
 from .audio import AudioError, audio_info, load_audio, split_long_audio
 from .decoding import DecodeOptions, Hypothesis, decode
+from .errors import UserError
 from .model import ModelConfig, SpeechTransformer
 from .timestamps import FrameClock, Segment, Word, whisper_segments, word_timestamps
 from .tokenizer import (MODEL_FILE, WHISPER_FILE, WHISPER_TIME_PRECISION, AnyTokenizer, WhisperTokenizer,
@@ -60,7 +62,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     Lightning's resume (:class:`speechformer.checkpoint.AtomicCheckpointIO`) all use it.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise FileNotFoundError(f"{path}: checkpoint not found; check the path")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling refusal or corruption
@@ -69,38 +71,144 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
                          "are accepted") from err
 
 
+# what to do about a damaged model, a folder's and a checkpoint's
+REEXPORT = "export the model again with `speechformer export` (or copy the folder again)"
+RECOPY = "copy the checkpoint again, or give one written by `speechformer fit`"
+
+
 def bundle_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> ModelBundle:
-    meta = ckpt.get("speechformer")
-    if not isinstance(meta, dict) or "config" not in meta:
-        raise ValueError(f"{source}: no speechformer metadata; was it written by `speechformer fit`?")
-    config = ModelConfig.from_dict(meta["config"])
-    model = SpeechTransformer(config)
+    meta = ckpt.get("speechformer") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "config" not in meta or not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(source, "no speechformer metadata", "give a checkpoint written by `speechformer fit`")
+    model = SpeechTransformer(_model_config(meta["config"], source, RECOPY))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    tokenizer = tokenizer_from_payload(meta["tokenizer"] if meta.get("tokenizer") else meta["tokenizer_model"])
-    return ModelBundle(model.eval(), tokenizer, float(meta.get("max_input_seconds") or DEFAULT_MAX_SECONDS), meta)
+    load_weights(model, state, source, RECOPY)
+    tokenizer = _tokenizer(source, RECOPY, lambda: tokenizer_from_payload(
+        meta["tokenizer"] if meta.get("tokenizer") else meta["tokenizer_model"]))
+    return ModelBundle(model.eval(), tokenizer, _max_input_seconds(meta, source, RECOPY), meta)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
-    """Load a ``.ckpt`` file or an exported model directory."""
+    """Load a ``.ckpt`` file or an exported model directory.
+
+    Whatever is wrong with the files (not JSON, a setting of the wrong type, weights of other
+    shapes than the config gives, a truncated or damaged file) is a :class:`UserError` naming
+    the file, so the command that loads it ends in one line.
+    """
     path = Path(path)
     if path.is_dir():
         cfg_path = path / CONFIG_FILE
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; export a model with `speechformer export`")
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-        model = SpeechTransformer(ModelConfig.from_dict(meta["model"]))
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), assign=True)  # no second copy
-        has_tokenizer = (path / MODEL_FILE).is_file() or (path / WHISPER_FILE).is_file()
-        tokenizer = load_tokenizer(path) if has_tokenizer else None  # an import without one
-        bundle = ModelBundle(model.eval(), tokenizer, float(meta.get("max_input_seconds", DEFAULT_MAX_SECONDS)),
-                             meta)
+            raise UserError(path, f"no {CONFIG_FILE}", "give a folder written by `speechformer export` or "
+                            "`speechformer import-whisper`, or a .ckpt file")
+        meta = _read_config_json(cfg_path)
+        model = SpeechTransformer(_model_config(meta["model"], cfg_path, REEXPORT))
+        load_weights(model, _read_safetensors(path / WEIGHTS_FILE), path, REEXPORT, assign=True)
+        tok_file = next((path / f for f in (MODEL_FILE, WHISPER_FILE) if (path / f).is_file()), None)
+        tokenizer = _tokenizer(tok_file, REEXPORT, lambda: load_tokenizer(path)) if tok_file else None
+        bundle = ModelBundle(model.eval(), tokenizer, _max_input_seconds(meta, cfg_path, REEXPORT), meta)
     elif path.is_file():
         bundle = bundle_from_checkpoint(load_checkpoint(path), str(path))
     else:
-        raise FileNotFoundError(f"{path}: no such model file or directory")
+        raise FileNotFoundError(f"{path}: no such model file or folder; give a folder written by `speechformer "
+                                "export` or `speechformer import-whisper`, or a .ckpt file")
     bundle.model.to(device)
     return bundle
+
+
+def _read_config_json(cfg_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(cfg_path, f"not UTF-8 text ({err.reason} at byte {err.start})", REEXPORT) from err
+    except json.JSONDecodeError as err:
+        raise UserError(cfg_path, f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})",
+                        f"fix the file or {REEXPORT}") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise UserError(cfg_path, 'no "model" settings (a JSON object)', REEXPORT)
+    return meta
+
+
+def _model_config(data: Any, source: object, redo: str) -> ModelConfig:
+    """The config from a file's dict; a wrong key, type or value names the file."""
+    try:
+        return ModelConfig.from_dict(data)
+    except ValueError as err:
+        raise UserError(source, str(err), f"fix the setting or {redo}") from err
+
+
+def _max_input_seconds(meta: dict[str, Any], source: object, redo: str) -> float:
+    value = meta.get("max_input_seconds") or DEFAULT_MAX_SECONDS
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise UserError(source, f"max_input_seconds must be a positive number of seconds, got {value!r}",
+                        f"fix the setting or {redo}")
+    return float(value)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise UserError(path, "not found", REEXPORT)
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:  # truncated, empty or not safetensors at all
+        raise UserError(path, f"not a readable safetensors file ({err}); it is damaged or incomplete",
+                        REEXPORT) from err
+
+
+def _tokenizer(source: object, redo: str, load: Callable[[], AnyTokenizer]) -> AnyTokenizer:
+    """``load()``, with a damaged tokenizer (sentencepiece raises RuntimeError) named."""
+    try:
+        return load()
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise UserError(source, f"not a readable tokenizer ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})", redo) from err
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Tensor], source: object, redo: str = REEXPORT,
+                 assign: bool = False) -> None:
+    """``model.load_state_dict(state)``, after checking the names and shapes: weights made for
+    another config are one line naming the first difference and the count (not the ~180 lines of
+    ``size mismatch`` torch prints)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if wrong:
+        first = wrong[0]
+        problems.append(f"{len(wrong)} of {len(expected)} tensors have other shapes than the config gives (the "
+                        f"first, {first}: {list(state[first].shape)} in the weights, {list(expected[first].shape)} "
+                        "from the config)")
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (the first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors the config has no place for (the first: {unexpected[0]})")
+    if problems:
+        raise UserError(source, "weights and config do not match: " + ", ".join(problems),
+                        "the config and the weights come from different models; " + redo)
+    model.load_state_dict(state, assign=assign)
+
+
+def check_device(device: str | torch.device, flag: str = "--device") -> torch.device:
+    """The device ``flag`` names, refused up front when this machine has no such device
+    (otherwise torch fails at the first tensor moved there, deep inside loading)."""
+    what = f"{flag} {device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise UserError(what, "not a device name", "use cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(what, "no CUDA GPU is usable on this machine (torch.cuda.is_available() is False)",
+                            f"use {flag} cpu, or leave {flag} out to use a GPU only when there is one")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(what, f"this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0",
+                            f"use {flag} cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(what, "no Apple GPU (MPS) is usable on this machine", f"use {flag} cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(what, f"{dev.type} devices are not supported", "use cpu or cuda")
+    return dev
 
 
 def export_model(bundle: ModelBundle, out_dir: str | Path) -> Path:

@@ -309,7 +309,8 @@ def detect_format(src: Path) -> str:
             return "huggingface"
         raise WhisperImportError(f"{src}: neither a CTranslate2 folder (model.bin) nor a Hugging Face folder "
                                  "(config.json + *.safetensors)")
-    raise FileNotFoundError(f"{src}: no such file or folder")
+    raise FileNotFoundError(f"{src}: no such file or folder; give an openai-whisper .pt file, a Hugging Face "
+                            "folder or a CTranslate2 folder")
 
 
 READERS: dict[str, Callable[[Path], tuple[ModelConfig, dict[str, Tensor]]]] = {

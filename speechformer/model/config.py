@@ -9,7 +9,7 @@ bias on the key projection), so there is one model class, not a second copy.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 
 @dataclass
@@ -124,11 +124,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """The config a file stores (an exported config.json, a checkpoint), every value checked.
+
+        A key the dataclass does not have, a value of the wrong type (``"d_model": "256"``) or
+        outside a setting's choices is a ``ValueError`` naming the setting; the dataclass alone
+        would fail later with a ``TypeError`` deep inside the model.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"model config: expected an object of settings, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"model config: unknown keys {unknown}")
-        return cls(**data)
+        hints = get_type_hints(cls)
+        return cls(**{name: _checked_value(name, hints[name], value) for name, value in data.items()})
 
     @classmethod
     def whisper(cls, n_mels: int, n_audio_ctx: int, n_audio_state: int, n_audio_head: int,
@@ -149,3 +157,21 @@ class ModelConfig:
             ctc_head=False, ctc_weight=0.0, label_smoothing=0.0,
             specaug_freq_masks=0, specaug_time_masks=0, **special,
         )
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _checked_value(name: str, hint: Any, value: Any) -> Any:
+    """``value`` if it fits the setting's type (an int where a float is asked becomes a float)."""
+    if get_origin(hint) is Literal:
+        choices = get_args(hint)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ValueError(f"model config: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    fits = {bool: isinstance(value, bool), int: is_number and isinstance(value, int), float: is_number,
+            str: isinstance(value, str)}[hint]
+    if not fits:
+        raise ValueError(f"model config: {name} must be {_KINDS[hint]}, got {value!r} ({type(value).__name__})")
+    return float(value) if hint is float else value

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..cli import HelpParser, command_of
+from ..errors import debug_requested, run_reporting
 from . import PrepareError
 
 
@@ -83,7 +85,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``prepare`` (with one sub-command per corpus) and ``compute-stats``."""
     prep = sub.add_parser("prepare", help="corpus on disk -> manifests (librispeech, commonvoice, ljspeech, "
                           "kaldi, to-kaldi)")
-    corpora = prep.add_subparsers(dest="corpus", required=True)
+    corpora = prep.add_subparsers(dest="corpus", required=True, metavar="CORPUS")
 
     def jobs(p: argparse.ArgumentParser) -> None:
         p.add_argument("--jobs", type=int, default=0, help="threads reading audio headers (default: 4 per core, "
@@ -92,31 +94,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ls = corpora.add_parser("librispeech", help="LibriSpeech root -> OUT/SUBSET.jsonl per subset")
     ls.add_argument("root", help="folder holding LibriSpeech/ (or LibriSpeech/ itself)")
     ls.add_argument("--out", required=True, help="folder for the manifests")
-    ls.add_argument("--subsets", default="", help="comma-separated (default: every subset found)")
+    ls.add_argument("--subsets", default="", help="comma-separated, e.g. train-clean-100,dev-clean (default: every "
+                    "subset found)")
     ls.add_argument("--download", action="store_true",
                     help="first fetch --subsets from OpenSLR into ROOT (resumable, checksummed)")
-    ls.add_argument("--mirror", default="", help="base URL instead of https://www.openslr.org/resources/12")
+    ls.add_argument("--mirror", default="", help="with --download: base URL to fetch from (default: "
+                    "https://www.openslr.org/resources/12)")
     ls.add_argument("--no-checksum", action="store_true", help="with --download: skip the SHA-256 check")
     jobs(ls)
     ls.set_defaults(func=cmd_librispeech)
 
     cv = corpora.add_parser("commonvoice", help="Common Voice language folder (*.tsv, clips/) -> OUT/SPLIT.jsonl")
     cv.add_argument("release", help="the folder holding train.tsv, dev.tsv, test.tsv and clips/")
-    cv.add_argument("--out", required=True)
-    cv.add_argument("--splits", default="train,dev,test", help="TSV names (default: %(default)s)")
+    cv.add_argument("--out", required=True, help="folder for the manifests")
+    cv.add_argument("--splits", default="train,dev,test", help="comma-separated names of the TSV files to read")
     jobs(cv)
     cv.set_defaults(func=cmd_commonvoice)
 
     lj = corpora.add_parser("ljspeech", help="LJSpeech-1.1 folder -> OUT/{train,valid,test}.jsonl")
     lj.add_argument("root", help="the folder holding metadata.csv and wavs/")
-    lj.add_argument("--out", required=True)
-    lj.add_argument("--valid", type=int, default=250, help="clips before the test ones, by id (default 250)")
-    lj.add_argument("--test", type=int, default=250, help="last clips by id (default 250)")
+    lj.add_argument("--out", required=True, help="folder for the manifests")
+    lj.add_argument("--valid", type=int, default=250, help="clips for valid.jsonl: those before the test ones, by id")
+    lj.add_argument("--test", type=int, default=250, help="clips for test.jsonl: the last ones by id")
     jobs(lj)
     lj.set_defaults(func=cmd_ljspeech)
 
     kd = corpora.add_parser("kaldi", help="Kaldi data dir (wav.scp, text[, segments, utt2spk]) -> manifest")
-    kd.add_argument("data_dir")
+    kd.add_argument("data_dir", help="Kaldi data dir (wav.scp and text; segments and utt2spk if there)")
     kd.add_argument("--out", required=True, help="manifest to write (.jsonl)")
     kd.add_argument("--audio-root", default=None, help="folder relative wav.scp paths start from "
                     "(default: the current folder, as Kaldi)")
@@ -124,35 +128,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     kd.set_defaults(func=cmd_kaldi)
 
     tk = corpora.add_parser("to-kaldi", help="manifest -> Kaldi data dir")
-    tk.add_argument("manifest")
+    tk.add_argument("manifest", help="JSONL manifest to convert")
     tk.add_argument("--out", required=True, help="data dir to write")
     tk.set_defaults(func=cmd_to_kaldi)
 
     st = sub.add_parser("compute-stats", help="global log-mel mean/variance of a manifest -> JSON "
                         "(train with --model.feature_stats FILE)")
-    st.add_argument("manifest")
+    st.add_argument("manifest", help="JSONL manifest (the training set)")
     st.add_argument("--out", required=True, help="JSON file to write")
     st.add_argument("--max-utterances", type=int, default=0, help="evenly spaced subset (default: all)")
-    st.add_argument("--sample-rate", type=int, default=16000, help="the model's (default 16000)")
-    st.add_argument("--n-mels", type=int, default=80, help="the model's (default 80)")
+    st.add_argument("--sample-rate", type=int, default=16000, help="the model's sample rate (Hz)")
+    st.add_argument("--n-mels", type=int, default=80, help="the model's number of mel bands")
     st.add_argument("--jobs", type=int, default=0, help="processes reading audio (default: none, in this one)")
     st.set_defaults(func=cmd_compute_stats)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run a parsed command; a :class:`PrepareError` becomes one ``error:`` line and status 2."""
-    try:
-        return int(args.func(args) or 0)
-    except PrepareError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace, debug: bool = False) -> int:
+    """Run a parsed command; a :class:`PrepareError` (any user error) becomes one ``error:`` line
+    and status 2, as for every speechformer command (:mod:`speechformer.errors`)."""
+    return run_reporting(lambda: args.func(args), debug, command_of(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``prepare``'s arguments (``librispeech ROOT --out DIR`` ...), for the data_prep/ scripts."""
-    parser = argparse.ArgumentParser(prog="speechformer")
+    parser = HelpParser(prog="speechformer")
     add_commands(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "compute-stats":
         argv = ["prepare", *argv]
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(argv), debug)
