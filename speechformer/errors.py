@@ -113,14 +113,13 @@ def _os_error(err: OSError) -> str:
 
 
 def _manifest_error(problems: Sequence[object], hint: str) -> str:
-    """The first problem of a manifest and how many more (``data validate`` lists them all)."""
+    """The first problem of a manifest, how many more, where to see them all and what to do:
+    fix or remove the lines, or (``hint``, training) skip them."""
     first = problems[0]
     path = getattr(first, "path", "the manifest")
-    more = len(problems) - 1
-    also = f"; or {hint}" if hint else ""
-    rest = f" ({more} more problem(s); `speechformer data validate {path}` lists them all{also})" if more \
-        else (f" ({hint})" if hint else "")
-    return _one_line(str(first)) + rest
+    more = f"{len(problems) - 1} more problem(s); " if len(problems) > 1 else ""
+    todo = "fix or remove those lines" + (f", or {hint}" if hint else "")
+    return f"{_one_line(str(first))} ({more}`speechformer data validate {path}` lists them all); {todo}"
 
 
 @dataclass(frozen=True)

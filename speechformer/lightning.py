@@ -98,7 +98,7 @@ class _ModelSummary(ModelSummary):
 def _fix_lightning_displays(trainer: L.Trainer) -> None:
     """Give Lightning's own default progress bar and model summary (exactly those classes, with
     their settings: a user's subclass is left alone) the corrected displays above."""
-    for callback in trainer.callbacks:
+    for callback in getattr(trainer, "callbacks", ()):  # a stand-in trainer may have none
         if type(callback) is RichProgressBar:
             callback.__class__ = _ProgressBar
         elif type(callback) in (ModelSummary, RichModelSummary):

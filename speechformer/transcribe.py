@@ -168,7 +168,11 @@ def load_weights(model: torch.nn.Module, state: dict[str, Tensor], source: objec
                  assign: bool = False) -> None:
     """``model.load_state_dict(state)``, after checking the names and shapes: weights made for
     another config are one line naming the first difference and the count (not the ~180 lines of
-    ``size mismatch`` torch prints)."""
+    ``size mismatch`` torch prints). Weights saved before the attention projections were fused
+    are converted first."""
+    from .model.attention import fused_layout
+
+    state = fused_layout(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

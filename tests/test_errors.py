@@ -167,7 +167,7 @@ CASES = [
     # files that are not there, or in the way
     ("output-dir-under-a-file", lambda tiny, tmp, mp: [
         "transcribe", "--model", str(tiny["model"]), str(tiny["wav"]), "--output-dir", str(tiny["wav"] / "sub")],
-     ["a.wav", "not a directory", "choose another path"]),
+     ["a.wav", "cannot write there", "give a folder"]),
     ("cuda-out-of-memory", lambda tiny, tmp, mp: out_of_memory(mp) or [
         "transcribe", "--model", str(tiny["model"]), str(tiny["wav"])], ["out of memory", "--batch-seconds"]),
     ("evaluate-manifest-missing", lambda tiny, tmp, mp: [

@@ -335,11 +335,19 @@ def test_tiny_en_transcripts_equal_faster_whisper(tiny_en):
 
 @pytest.mark.slow
 def test_bf16_transcripts_match_float32(tiny_en):
+    """bf16 matmuls give (nearly) the float32 transcripts and no worse a WER. How many of the 10 come
+    out letter-identical depends on the CPU's bf16 arithmetic: 9-10 on a Xeon with AMX, 8 on an AMD
+    EPYC with AVX512-BF16 (whose 2 differences are a word each; over 30 utterances it matched 28 and
+    scored WER 2.8% against float32's 3.5%)."""
+    from speechformer.metrics import score
+
     utts = kathleen_utterances(10)
     paths = [KATHLEEN / u["audio"] for u in utts]
     fp32 = [r.text for r in Transcriber.from_pretrained(tiny_en, device="cpu").transcribe(paths)]
     bf16 = [r.text for r in Transcriber.from_pretrained(tiny_en, device="cpu", precision="bf16").transcribe(paths)]
-    assert sum(a == b for a, b in zip(fp32, bf16)) >= 9
+    assert sum(a == b for a, b in zip(fp32, bf16)) >= 8, list(zip(fp32, bf16))
+    ids, refs = [u["id"] for u in utts], [u["text"] for u in utts]
+    assert score(ids, refs, bf16).wer <= score(ids, refs, fp32).wer + 0.02
 
 
 @pytest.mark.slow

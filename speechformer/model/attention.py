@@ -296,3 +296,14 @@ class MultiHeadAttention(nn.Module):
                 weights = weights.view(weights.shape[0], h, group, t, tk).transpose(1, 2).reshape(b, h, t, tk)
         b, h, t, dh = y.shape
         return self.out(y.transpose(1, 2).reshape(b, t, h * dh)), weights
+
+
+def fused_layout(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of ``state`` with every attention module's separate ``query``/``key``/``value`` in the
+    fused layout, for code that compares a state dict's names with ``model``'s before loading it
+    (``transcribe.load_weights``); ``load_state_dict`` converts by itself."""
+    state = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, MultiHeadAttention):
+            _fuse_separate_projections(module, state, f"{name}." if name else "")
+    return state
