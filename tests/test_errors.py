@@ -30,29 +30,16 @@ RULE = re.compile(r"^error: (?P<what>[^\s;][^;]*?): (?P<reason>[^;]+); (?P<hint>
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    """An untrained tiny model (exported folder and .ckpt), a wav, a good manifest; no training."""
-    from speechformer.model import ModelConfig, SpeechTransformer
-    from speechformer.tokenizer import train_tokenizer
-    from speechformer.transcribe import ModelBundle, export_model
-
-    out = tmp_path_factory.mktemp("tiny_model")
-    texts = ["the cat sat on the mat", "a dog ran in the park", "seven two nine four", "hello world and good morning"]
-    tok = train_tokenizer(texts, 30, out / "tokenizer")
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
-                         n_decoder_layers=1, subsampling_channels=4)
-    model = SpeechTransformer(config).eval()
-    export_model(ModelBundle(model, tok, 20.0), out / "model")
-    ckpt = out / "model.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "speechformer": {"config": config.to_dict(), "tokenizer": tok.payload(), "max_input_seconds": 20.0}},
-               ckpt)
+def tiny(untrained_model, tmp_path_factory) -> dict[str, Path]:
+    """The untrained model of conftest (exported folder and .ckpt), its tokenizer, a wav, a good
+    manifest; no training."""
+    out = tmp_path_factory.mktemp("tiny_inputs")
     wav = out / "a.wav"
     sf.write(wav, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
     manifest = out / "good.jsonl"
     manifest.write_text(json.dumps({"id": "u1", "audio": str(wav), "duration": 1.0, "text": "the cat sat"}) + "\n")
-    return {"model": out / "model", "ckpt": ckpt, "wav": wav, "tokenizer": out / "tokenizer", "manifest": manifest}
+    return {**untrained_model, "wav": wav, "tokenizer": untrained_model["model"].parent / "tokenizer",
+            "manifest": manifest}
 
 
 # ---------------------------------------------------------------------------- making the bad inputs
@@ -142,7 +129,7 @@ CASES = [
      ["config.json", "d_model must be a whole number", "'16'"]),
     ("config-wrong-choice", transcribe_with(edit_config(lambda m: m.update(encoder="lstm"))),
      ["config.json", "encoder must be one of"]),
-    ("config-shapes-differ", transcribe_with(edit_config(lambda m: m.update(d_model=32, d_ff=64))),
+    ("config-shapes-differ", transcribe_with(edit_config(lambda m: m.update(d_model=48, d_ff=96))),
      ["weights and config do not match", "tensors have other shapes", "the first"]),
     ("tokenizer-damaged", transcribe_with(truncate("tokenizer.model", 1000)),
      ["tokenizer.model", "not a readable tokenizer"]),
@@ -215,9 +202,9 @@ CASES = [
 
 
 def _shrunk_ckpt(tiny: dict[str, Path], tmp: Path) -> Path:
-    """The tiny checkpoint with a config that says d_model 32: weights of other shapes."""
+    """The tiny checkpoint with a config that says d_model 48: weights of other shapes."""
     ckpt = torch.load(tiny["ckpt"], weights_only=True)
-    ckpt["speechformer"]["config"].update(d_model=32, d_ff=64)
+    ckpt["speechformer"]["config"].update(d_model=48, d_ff=96)
     torch.save(ckpt, tmp / "small.ckpt")
     return tmp / "small.ckpt"
 
