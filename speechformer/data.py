@@ -11,11 +11,12 @@ with an optional ``"offset"`` (seconds) for a segment of a longer file. A relati
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import random
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -211,7 +212,8 @@ class UtteranceLimits:
         self.speeds = (min(speeds), max(speeds)) if speeds else (1.0, 1.0)
         self.whisper = config.frontend == "whisper"
         self._frontend = WhisperFrontend() if self.whisper else LogMelFrontend(config.sample_rate, config.n_mels)
-        self._subsampling = Conv2dSubsampling if config.subsampling == "conv2d" else Conv1dSubsampling
+        self._subsampling_lengths = (partial(Conv2dSubsampling.lengths_after, layers=config.subsampling_layers)
+                                     if config.subsampling == "conv2d" else Conv1dSubsampling.output_lengths)
         # rotary positions alone have no table (nothing is added to the stream): no frame limit
         self.max_frames = None if config.encoder_positions == "rotary" else config.max_source_positions
         self.max_tokens = config.max_target_positions - prompt_length
@@ -221,7 +223,7 @@ class UtteranceLimits:
         """Encoder frames the model makes of each of ``seconds`` of audio (by the frontend's and the
         subsampler's own length rules, for all utterances at once)."""
         samples = (torch.tensor(list(seconds), dtype=torch.float64) * self.config.sample_rate).round().long()
-        return self._subsampling.output_lengths(self._frontend.frame_lengths(samples.clamp(min=1))).tolist()
+        return self._subsampling_lengths(self._frontend.frame_lengths(samples.clamp(min=1))).tolist()
 
     def longest_seconds(self) -> float:
         """The longest audio (to 10 ms) whose encoder frames fit the position table (Whisper: 30 s)."""

@@ -83,6 +83,20 @@ def test_normal_lengths_are_unchanged_by_the_short_input_padding():
         assert torch.equal(conv1d(x), plain1)
 
 
+def test_three_convolutions_give_80_ms_frames_and_their_length_rule_holds():
+    """``subsampling_layers: 3``: 8x fewer frames than the 10 ms input, a 15-frame receptive field,
+    and the length rule the data module and the model's mask use equals the real output length."""
+    torch.manual_seed(3)
+    stem = Conv2dSubsampling(80, 32, 8, layers=3)
+    assert stem.min_frames == 15 and ModelConfig(subsampling_layers=3).subsampling_factor == 8
+    for frames in (1, 14, 15, 16, 17, 100, 801):
+        y = stem(torch.randn(1, frames, 80))
+        assert y.shape[1] == int(stem.output_lengths(torch.tensor(frames))) == max(1, (((frames - 1) // 2 - 1) // 2 - 1) // 2)
+    assert abs(y.shape[1] - 801 / 8) < 2  # ~one frame per 80 ms
+    with pytest.raises(ValueError, match="subsampling_layers"):
+        ModelConfig(subsampling_layers=4)
+
+
 # --------------------------------------------------------------------------- training: what fits the model
 WORDS = "the quick brown fox jumps over a lazy dog while seven green parrots sing".split()
 SMALL = dict(max_source_positions=50, max_target_positions=20)  # 50 encoder frames: 2.05 s of audio

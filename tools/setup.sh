@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs speechformer with its test extra into it.
-# Idempotent: a second run only checks that everything is installed.
+# Creates .venv (if missing) and installs speechformer into it, with the extras named on the
+# command line (default: test, what the tests need).
+#
+#   bash tools/setup.sh           # the package and its test extra (the test command in README.md)
+#   bash tools/setup.sh synth     # the package and the speech synthesiser only (the default recipe:
+#                                 # skips the Whisper reference engines the tests compare against)
+#
+# Idempotent: a second run with the same extras only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+extras=$(IFS=,; echo "${*:-test}")
 if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
-stamp=.venv/.speechformer-installed
+stamp=".venv/.speechformer-installed-${extras//,/-}"
 if [[ ! -f $stamp || pyproject.toml -nt $stamp || tools/constraints.txt -nt $stamp ]]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -c tools/constraints.txt -e ".[test]"
+  .venv/bin/python -m pip install --quiet -c tools/constraints.txt -e ".[$extras]"
   touch "$stamp"
 fi

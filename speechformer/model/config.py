@@ -38,6 +38,7 @@ class ModelConfig:
     # frames -> encoder input
     subsampling: Literal["conv2d", "conv1d"] = "conv2d"
     subsampling_channels: int = 0  # conv2d only; 0 means d_model
+    subsampling_layers: int = 2  # conv2d only: stride-2 convolutions, 2 -> 40 ms frames, 3 -> 80 ms
 
     # encoder: "transformer" (self-attention + feed-forward) or "conformer" (macaron
     # feed-forward halves around self-attention and a convolution module; see layers.py)
@@ -99,6 +100,9 @@ class ModelConfig:
             raise ValueError(f"model config: encoder must be transformer or conformer, got {self.encoder!r}")
         if self.conv_kernel_size < 1 or self.conv_kernel_size % 2 == 0:
             raise ValueError(f"model config: conv_kernel_size must be odd and positive, got {self.conv_kernel_size}")
+        if self.subsampling_layers not in (2, 3):
+            raise ValueError(f"model config: subsampling_layers must be 2 (40 ms frames) or 3 (80 ms), "
+                             f"got {self.subsampling_layers}")
         if self.conv_norm not in ("layer", "batch"):
             raise ValueError(f"model config: conv_norm must be layer or batch, got {self.conv_norm!r}")
         if self.encoder_positions not in ("sinusoidal", "stored", "rotary", "sinusoidal+rotary"):
@@ -117,7 +121,7 @@ class ModelConfig:
 
     @property
     def subsampling_factor(self) -> int:
-        return 4 if self.subsampling == "conv2d" else 2
+        return 2 ** self.subsampling_layers if self.subsampling == "conv2d" else 2
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

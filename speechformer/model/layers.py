@@ -80,22 +80,25 @@ def pad_to_receptive_field(x: Tensor, min_frames: int) -> Tensor:
 
 
 class Conv2dSubsampling(nn.Module):
-    """Two 3x3 stride-2 convolutions over (time, mel): 4x fewer frames, then a linear to d_model.
+    """3x3 stride-2 convolutions over (time, mel), each halving the frame rate, then a linear to d_model.
 
     Speech frames come every 10 ms; attention over them is quadratic in length, and
-    neighbouring frames are highly redundant, so the encoder works at 40 ms steps.
+    neighbouring frames are highly redundant, so the encoder works at 40 ms steps (two
+    convolutions) or 80 ms (three: half the encoder's work again, for short-token vocabularies).
     """
 
-    #: input frames one output frame needs (the receptive field of the two convolutions)
-    min_frames = 7
-
-    def __init__(self, n_mels: int, d_model: int, channels: int) -> None:
+    def __init__(self, n_mels: int, d_model: int, channels: int, layers: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, channels, 3, stride=2), nn.ReLU(inplace=True),  # in place: conv outputs are not
-            nn.Conv2d(channels, channels, 3, stride=2), nn.ReLU(inplace=True),  # kept for the backward
-        )
-        freq = ((n_mels - 1) // 2 - 1) // 2
+        convs: list[nn.Module] = []
+        for i in range(layers):  # ReLU in place: conv outputs are not kept for the backward
+            convs += [nn.Conv2d(1 if i == 0 else channels, channels, 3, stride=2), nn.ReLU(inplace=True)]
+        self.conv = nn.Sequential(*convs)
+        self.layers = layers
+        #: input frames one output frame needs (the receptive field of the convolutions)
+        self.min_frames = 2 ** (layers + 1) - 1
+        freq = n_mels
+        for _ in range(layers):
+            freq = (freq - 1) // 2
         self.proj = nn.Linear(channels * freq, d_model)
         # Normalised output: the residual stream starts at unit scale, the size of the positions
         # added next. Without it the projection was seen to grow to ~20x that size in training,
@@ -103,8 +106,15 @@ class Conv2dSubsampling(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     @staticmethod
-    def output_lengths(lengths: Tensor) -> Tensor:
-        return (((lengths - 1) // 2 - 1) // 2).clamp(min=1)  # clips under min_frames are padded to one
+    def lengths_after(lengths: Tensor, layers: int = 2) -> Tensor:
+        """Output frames of ``layers`` unpadded 3x3 stride-2 convolutions (at least 1: clips under
+        ``min_frames`` are padded to one)."""
+        for _ in range(layers):
+            lengths = (lengths - 1) // 2
+        return lengths.clamp(min=1)
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        return self.lengths_after(lengths, self.layers)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, F] -> [B, T', D]
         y = self.conv(pad_to_receptive_field(x, self.min_frames).unsqueeze(1))  # [B, C, T', F']

@@ -82,7 +82,8 @@ class SpeechTransformer(nn.Module):
         self.specaug = SpecAugment(c.specaug_freq_masks, c.specaug_freq_width, c.specaug_time_masks,
                                    c.specaug_time_width_ratio)
         if c.subsampling == "conv2d":
-            self.subsampling: nn.Module = Conv2dSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model)
+            self.subsampling: nn.Module = Conv2dSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model,
+                                                               c.subsampling_layers)
         else:
             self.subsampling = Conv1dSubsampling(c.n_mels, c.d_model)
         rotary = c.rotary
