@@ -18,10 +18,13 @@ def forward_flops(config: ModelConfig, batch: int, frames: int, tokens: int) -> 
     d, ff = c.d_model, c.d_ff
     if c.subsampling == "conv2d":
         ch = c.subsampling_channels or d
-        t1, f1 = (frames - 3) // 2 + 1, (c.n_mels - 3) // 2 + 1
-        t2, f2 = (t1 - 3) // 2 + 1, (f1 - 3) // 2 + 1
-        stem = 2 * ch * 9 * t1 * f1 + 2 * ch * ch * 9 * t2 * f2 + 2 * ch * f2 * d * t2
-        t_enc = t2
+        t, f = (frames - 3) // 2 + 1, (c.n_mels - 3) // 2 + 1  # the first convolution: one input channel
+        stem = 2 * ch * 9 * t * f
+        for _ in range(c.subsampling_layers - 1):
+            t, f = (t - 3) // 2 + 1, (f - 3) // 2 + 1
+            stem += 2 * ch * ch * 9 * t * f
+        stem += 2 * ch * f * d * t  # the linear to d_model
+        t_enc = t
     else:
         t_enc = (frames - 1) // 2 + 1
         stem = 2 * c.n_mels * d * 3 * frames + 2 * d * d * 3 * t_enc

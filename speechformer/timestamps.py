@@ -8,7 +8,7 @@ emits it; sentencepiece pieces are grouped into words at the ``▁`` word-start 
 frame indices become seconds through the frontend hop and the subsampling factor.
 
 CTC is *peaky*: a token often owns one or two frames, at or a little after where it is
-heard. Word starts are therefore accurate to a frame or two (40 ms each for the conv2d
+heard. Word starts are therefore accurate to a frame or two (40 or 80 ms each for the conv2d
 stem); word ends are where the last piece fires, which can be early for long words.
 Subtitle cues stay on screen until the next cue (at most ``hold`` seconds longer).
 
@@ -57,9 +57,11 @@ class FrameClock:
         c = model.config
         hop = model.frontend.hop_length / c.sample_rate  # 10 ms
         if c.subsampling == "conv2d":
-            # two 3-wide stride-2 convolutions without padding: encoder frame k reads mel frames
-            # 4k .. 4k+6, centred on 4k+3; mel frame i is centred on i hops (the frontend pads half a window)
-            return cls(stride=4 * hop, offset=3 * hop)
+            # L 3-wide stride-2 convolutions without padding: encoder frame k reads mel frames
+            # 2^L k .. 2^L k + 2^(L+1) - 2, centred on 2^L k + 2^L - 1 (L = 2: 4k .. 4k+6, centre 4k+3);
+            # mel frame i is centred on i hops (the frontend pads half a window)
+            factor = c.subsampling_factor
+            return cls(stride=factor * hop, offset=(factor - 1) * hop)
         # conv1d (Whisper): stride 2 with padding 1, frame k centred on mel frame 2k
         return cls(stride=2 * hop, offset=0.0)
 

@@ -187,7 +187,7 @@ def test_encoder_input_scale_multiplies_the_audio_frames_by_sqrt_d_model():
 def test_the_synthetic_conformer_config_scales_its_input():
     """The recipe's Conformer as measured: input scaled, no block-final LayerNorm."""
     import yaml
-    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/synthetic/conf/conformer.yaml").read_text())
+    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/synthetic/conf/train.yaml").read_text())
     model = conf["model"]["model"]
     assert model["encoder"] == "conformer" and model["encoder_input_scale"] is True
     assert model["conformer_final_norm"] is False  # with it the CTC loss stalled (README.md)

@@ -57,13 +57,14 @@ def test_forced_alignment_puts_each_token_on_its_frames_and_words_group_at_the_m
     assert [w.word for w in fallback] == ["hello", "world"] and fallback[1].end <= 1.0
 
 
-def test_conv2d_frame_clock_matches_the_subsampling_geometry():
+@pytest.mark.parametrize("layers, stride, offset", [(2, 0.04, 0.03), (3, 0.08, 0.07)])
+def test_conv2d_frame_clock_matches_the_subsampling_geometry(layers, stride, offset):
     from speechformer.model import ModelConfig, SpeechTransformer
 
     model = SpeechTransformer(ModelConfig(vocab_size=20, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1,
-                                          n_decoder_layers=1))
+                                          n_decoder_layers=1, subsampling_layers=layers))
     clock = FrameClock.for_model(model)
-    assert clock.stride == pytest.approx(0.04) and clock.offset == pytest.approx(0.03)
+    assert clock.stride == pytest.approx(stride) and clock.offset == pytest.approx(offset)
     # a click at 1.0 s moves the encoder frames whose centre is within their receptive field of it
     model.eval()
     wav = torch.zeros(1, 32000)
