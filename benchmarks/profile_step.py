@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Where one training step (forward + backward + AdamW) spends its time, by kind of work.
 
-Two shapes: the synthetic recipe's model (recipes/synthetic/conf/train.yaml: d 192, 6 enc / 3 dec,
-FFN 768, stem 64 channels, CTC weight 0.5, vocab 256) on 30 utterances of 2.7 s, and the s2t-small
-shape of ``train_step.py`` (d 256, 12 / 6, FFN 2048, stem 128, vocab 5000, no CTC) on 8 x 10 s.
+Shapes: the synthetic recipe's model (recipes/synthetic/conf/train.yaml: a Conformer, d 192, 6 enc /
+3 dec, feed-forward halves 384, 80 ms frames from a 32-channel stem, CTC weight 0.5, vocab 256) on 30
+utterances of 2.7 s; ``recipe-transformer``, its transformer (conf/transformer.yaml: FFN 768, 40 ms
+frames, stem 64 channels) on the same batch; and the s2t-small shape of ``train_step.py`` (d 256,
+12 / 6, FFN 2048, stem 128, vocab 5000, no CTC) on 8 x 10 s.
 Features are precomputed (as in ``train_step.py``); ``--frontend`` also runs the recipe's
 log-mel frontend on waveforms inside the step, as ``speechformer fit`` does.
 
@@ -35,10 +37,17 @@ from common import markdown_table  # noqa: E402
 
 SHAPES = {
     # the synthetic recipe (recipes/synthetic/conf/train.yaml) and a batch like its 80-second batches
-    "recipe": dict(model=dict(vocab_size=256, d_model=192, n_heads=4, d_ff=768, n_encoder_layers=6,
-                              n_decoder_layers=3, subsampling_channels=64, dropout=0.0, ctc_weight=0.5,
-                              label_smoothing=0.1, specaug_freq_masks=0, specaug_time_masks=0),
+    "recipe": dict(model=dict(vocab_size=256, d_model=192, n_heads=4, d_ff=384, n_encoder_layers=6,
+                              n_decoder_layers=3, subsampling_channels=32, subsampling_layers=3, encoder="conformer",
+                              encoder_positions="sinusoidal+rotary", encoder_input_scale=True,
+                              conformer_final_norm=False, conv_kernel_size=15, conv_norm="layer", dropout=0.0,
+                              ctc_weight=0.5, label_smoothing=0.1, specaug_freq_masks=0, specaug_time_masks=0),
                    batch=30, frames=270, tokens=16),
+    # the recipe's transformer (recipes/synthetic/conf/transformer.yaml, the default before 2026-12-02)
+    "recipe-transformer": dict(model=dict(vocab_size=256, d_model=192, n_heads=4, d_ff=768, n_encoder_layers=6,
+                                          n_decoder_layers=3, subsampling_channels=64, dropout=0.0, ctc_weight=0.5,
+                                          label_smoothing=0.1, specaug_freq_masks=0, specaug_time_masks=0),
+                               batch=30, frames=270, tokens=16),
     # benchmarks/train_step.py (issue 4's s2t-small comparison with HF Speech2Text)
     "s2t-small": dict(model=dict(vocab_size=5000, d_model=256, n_heads=4, d_ff=2048, n_encoder_layers=12,
                                  n_decoder_layers=6, dropout=0.1, activation_dropout=0.0, subsampling_channels=128,
