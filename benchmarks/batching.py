@@ -82,7 +82,7 @@ def main() -> int:
             tokens = torch.randint(4, 256, (len(b), max(2, frames // 25)))
             token_lengths = (lengths // 25).clamp(min=1)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                memory, mem_lengths, _ = model.encode_features(torch.randn(len(b), frames, 80), lengths)
+                memory, mem_lengths = model.encode_features(torch.randn(len(b), frames, 80), lengths)
                 loss = model.losses(memory, mem_lengths, tokens, token_lengths)["loss"]
             loss.backward()
             opt.step()

@@ -144,9 +144,9 @@ def make_step(model, data: dict, precision: str, frontend: bool = False, optimiz
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         with ctx:
             if frontend:
-                memory, lengths, _ = model.encode(data["wav"], data["wav_lengths"])
+                memory, lengths = model.encode(data["wav"], data["wav_lengths"])
             else:
-                memory, lengths, _ = model.encode_features(data["feats"], data["frames"])
+                memory, lengths = model.encode_features(data["feats"], data["frames"])
             loss = model.losses(memory, lengths, data["tokens"], data["token_lengths"])["loss"]
         loss.backward()
         with torch.profiler.record_function("optimizer"):

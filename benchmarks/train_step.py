@@ -121,7 +121,7 @@ def main() -> int:
         def step_ours(precision: str):
             def go() -> None:
                 with autocast(precision):
-                    memory, lengths, _ = ours.encode_features(feats, frames)
+                    memory, lengths = ours.encode_features(feats, frames)
                     loss = ours.losses(memory, lengths, tokens, token_lengths)["loss"]
                 loss.backward()
                 opt_ours.step()

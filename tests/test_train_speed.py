@@ -71,7 +71,7 @@ def test_fused_projections_equal_separate_ones_in_outputs_and_gradients(cross, k
     source = torch.randn(2, 7, d, requires_grad=True) if cross else x
     mask = torch.ones(2, 1, 1, source.shape[1], dtype=torch.bool)
     mask[1, ..., 3:] = False
-    y, _ = mha(x, source=source if cross else None, mask=mask)
+    y = mha(x, source=source if cross else None, mask=mask)
     ref_w = {k: v.clone().requires_grad_() for k, v in w.items()}
     ref = reference_attention(x, source, ref_w, mask)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
@@ -113,10 +113,10 @@ def test_old_layout_state_dict_and_export_load_with_identical_outputs(tmp_path, 
     feats, frames = torch.randn(2, 60, 20), torch.tensor([60, 41])
     tokens = torch.randint(4, 40, (2, 6))
     with torch.no_grad():
-        memory, lengths, _ = model.encode_features(feats, frames)
-        want = model.decode(tokens, memory, model.memory_mask(lengths, memory.shape[1]))[0]
-        got_memory, _, _ = fresh.encode_features(feats, frames)
-        got = fresh.decode(tokens, got_memory, fresh.memory_mask(lengths, memory.shape[1]))[0]
+        memory, lengths = model.encode_features(feats, frames)
+        want = model.decode(tokens, memory, model.memory_mask(lengths, memory.shape[1]))
+        got_memory, _ = fresh.encode_features(feats, frames)
+        got = fresh.decode(tokens, got_memory, fresh.memory_mask(lengths, memory.shape[1]))
     assert torch.equal(got_memory, memory) and torch.equal(got, want)
     # an exported model folder written by the old layout
     out = export_model(ModelBundle(model, None, 30.0, {}), tmp_path / "exported")
@@ -140,7 +140,7 @@ def test_no_key_bias_stays_zero_through_training_steps(cross, assign):
     opt = torch.optim.AdamW(mha.parameters(), lr=0.1)
     for _ in range(3):
         x = torch.randn(2, 6, 32)
-        mha(x, source=x if cross else None)[0].square().sum().backward()
+        mha(x, source=x if cross else None).square().sum().backward()
         opt.step()
         opt.zero_grad()
     bias = mha.kv.bias if cross else mha.qkv.bias
@@ -152,7 +152,7 @@ def _loss_and_grads(model: SpeechTransformer, batch: tuple, bf16: bool) -> tuple
     model.zero_grad(set_to_none=True)
     feats, frames, tokens, token_lengths = batch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        memory, lengths, _ = model.encode_features(feats, frames)
+        memory, lengths = model.encode_features(feats, frames)
         loss = model.losses(memory, lengths, tokens, token_lengths)["loss"]
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
