@@ -149,7 +149,8 @@ def make_figures(model_dir: Path, audio: Path, out: Path, work: Path) -> list[Pa
     import torch
 
     from speechformer.audio import load_audio
-    from speechformer.explain import _alignment_figure, capture_attention, explain_waveform
+    from speechformer.explain import _alignment_figure, explain_waveform
+    from speechformer.model import capture_attention
     from speechformer.model import attention, causal_mask, sinusoids
     from speechformer.plot import pyplot
     from speechformer.tokenizer import train_tokenizer

@@ -258,8 +258,8 @@ def test_batched_decoding_equals_one_utterance_at_a_time(model):
     assert len(lengths_out) > 1  # the rows really finished at different steps
 
 
-def test_dropout_zeroes_the_asked_fraction_and_keeps_the_expectation():
-    from speechformer.model.layers import Dropout
+def test_byte_mask_dropout_zeroes_the_asked_fraction_and_keeps_the_expectation():
+    from speechformer.fastpath import ByteMaskDropout as Dropout
 
     torch.manual_seed(0)
     drop = Dropout(0.25).train()
