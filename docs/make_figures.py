@@ -150,8 +150,7 @@ def make_figures(model_dir: Path, audio: Path, out: Path, work: Path) -> list[Pa
 
     from speechformer.audio import load_audio
     from speechformer.explain import _alignment_figure, explain_waveform
-    from speechformer.model import capture_attention
-    from speechformer.model import attention, causal_mask, sinusoids
+    from speechformer.model import attention, capture_attention, causal_mask, sinusoids
     from speechformer.plot import pyplot
     from speechformer.tokenizer import train_tokenizer
     from speechformer.transcribe import load_model
