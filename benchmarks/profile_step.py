@@ -121,11 +121,12 @@ class ModuleRegions:
 def build(shape: str, seed: int = 0):
     import torch
 
+    from speechformer.fastpath import tune_for_training
     from speechformer.model import ModelConfig, SpeechTransformer
 
     spec = SHAPES[shape]
     torch.manual_seed(seed)
-    model = SpeechTransformer(ModelConfig(**spec["model"])).train()
+    model = tune_for_training(SpeechTransformer(ModelConfig(**spec["model"])).train())  # as fit does
     b, frames, tokens = spec["batch"], spec["frames"], spec["tokens"]
     vocab = spec["model"]["vocab_size"]
     data = dict(feats=torch.randn(b, frames, 80), frames=torch.full((b,), frames),
@@ -208,8 +209,10 @@ def main() -> int:
 
     import torch
 
+    from speechformer.fastpath import flush_denormals
+
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
     columns, cats, modules = [], {}, {}
     for shape in args.shape:
         for precision in args.precision:
