@@ -7,7 +7,8 @@ gives the same numbers within rounding; each piece is applied by a call, by ``fi
 (``cli``, :class:`~speechformer.transcribe.Transcriber`) and by the benchmarks:
 
 * :func:`flush_denormals`: subnormal floats read as zero, process-wide (x86 CPUs compute on
-  them about 100x slower; Adam's second moments and tiny gradients produce them);
+  them far slower, and Adam's second moments and tiny gradients produce them); a Python
+  program that builds a ``Transcriber`` itself calls it if it wants it;
 * :func:`tune_for_training`: on CPU, dropout masks drawn one random byte per element
   (:class:`ByteMaskDropout`: ``bernoulli_`` dominated CPU dropout) and attention written out
   as plain matmuls (:func:`cpu_training_attention`: its backward beats the fused CPU kernel's);
