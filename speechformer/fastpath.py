@@ -97,7 +97,7 @@ def cpu_training_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None 
 
 
 def tune_for_training(model: nn.Module) -> nn.Module:
-    """``model`` (in place) with the CPU training kernels: every ``nn.Dropout`` becomes a
+    """``model`` (in place) with the CPU training kernels: every dropout module becomes a
     :class:`ByteMaskDropout`, every attention module runs :func:`cpu_training_attention`.
 
     Both fall back to the plain kernels off the CPU, so the model may still move to a GPU, and
@@ -105,7 +105,7 @@ def tune_for_training(model: nn.Module) -> nn.Module:
     """
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
+            if isinstance(child, nn.Dropout):
                 setattr(parent, name, ByteMaskDropout(child.p).train(child.training))
         if isinstance(parent, MultiHeadAttention):
             parent.kernel = cpu_training_attention

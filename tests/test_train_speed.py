@@ -198,17 +198,17 @@ def test_training_step_with_the_fast_path_equals_the_plain_path(monkeypatch, bf1
 
 
 def test_tuning_swaps_only_kernels_keeps_the_state_dict_and_falls_back_where_it_does_not_pay():
-    """``tune_for_training`` replaces each ``nn.Dropout`` by a byte-mask dropout of the same p and
+    """``tune_for_training`` replaces each dropout module by a byte-mask dropout of the same p and
     gives each attention module the CPU kernel, in place, with the same state dict; the CPU kernel
     is the fused one without gradients (inference, validation) and with attention dropout."""
     from speechformer import fastpath
 
     torch.manual_seed(0)
     model = SpeechTransformer(ModelConfig(**(TINY | dict(dropout=0.1, activation_dropout=0.2))))
-    drop_p = sorted(m.p for m in model.modules() if type(m) is torch.nn.Dropout)
+    drop_p = sorted(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert fastpath.tune_for_training(model) is model
-    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     assert sorted(m.p for m in model.modules() if isinstance(m, fastpath.ByteMaskDropout)) == drop_p
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -286,7 +286,7 @@ def test_hardware_tuning_is_switched_on_by_the_entry_points_not_by_building(untr
     assert flushes_denormals()
     assert all(m.kernel is fastpath.cpu_training_attention for m in module.model.modules()
                if isinstance(m, MultiHeadAttention))
-    assert not any(type(m) is torch.nn.Dropout for m in module.model.modules())
+    assert not any(isinstance(m, torch.nn.Dropout) for m in module.model.modules())
 
     torch.set_flush_denormal(False)
     args = build_parser().parse_args(["evaluate", "--model", str(untrained_model["model"]), "--manifest", "m.jsonl",

@@ -133,6 +133,15 @@ class Conv1dSubsampling(nn.Module):
         return self.act(self.conv2(x)).transpose(1, 2)
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout``, not called at all where it does nothing (evaluation, ``p = 0``): decoding
+    passes a dozen of them per token. :func:`speechformer.fastpath.tune_for_training` swaps in
+    a CPU-friendlier mask."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if self.training and self.p > 0 else x
+
+
 class FeedForward(nn.Module):
     """Position-wise two-layer MLP: widen to d_ff, non-linearity, project back."""
 
@@ -142,7 +151,7 @@ class FeedForward(nn.Module):
         # ReLU in place: fc1's output is not kept for its backward, so it needs no copy of its own
         others = {"gelu": nn.GELU, "silu": nn.SiLU}
         self.act = others[activation]() if activation in others else nn.ReLU(inplace=True)
-        self.dropout = nn.Dropout(dropout)  # on the wide activations (config: activation_dropout)
+        self.dropout = Dropout(dropout)  # on the wide activations (config: activation_dropout)
         self.fc2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -160,7 +169,7 @@ class EncoderLayer(nn.Module):
         self.attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias, rotary=rotary)
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), mask=mask))
@@ -226,7 +235,7 @@ class ConformerLayer(nn.Module):
         self.ff2 = FeedForward(d_model, d_ff, activation_dropout, "silu")
         # final_norm=False keeps the stream a pre-LN residual path from block to block (see config)
         self.out_norm: nn.Module = nn.LayerNorm(d_model, eps=eps) if final_norm else nn.Identity()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` is the encoder's [B, 1, 1, T] key mask (True = real frame) or None."""
@@ -251,7 +260,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias, cross=True)
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,

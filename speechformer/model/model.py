@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..frontend import LogMelFrontend, SpecAugment, WhisperFrontend
 from .attention import KVCache
 from .config import ModelConfig
-from .layers import (ConformerLayer, Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, EncoderLayer,
+from .layers import (ConformerLayer, Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, Dropout, EncoderLayer,
                      LearnedPositions, SinusoidalPositions)
 
 
@@ -106,7 +106,7 @@ class SpeechTransformer(nn.Module):
             self.decoder_positions = SinusoidalPositions(c.max_target_positions, c.d_model)
         self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(c.n_decoder_layers))
         self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         self.ctc = nn.Linear(c.d_model, c.vocab_size) if c.ctc_head else None
 
     # ------------------------------------------------------------------ encoder
