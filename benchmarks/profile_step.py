@@ -144,10 +144,11 @@ def make_step(model, data: dict, precision: str, frontend: bool = False, optimiz
     def step() -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         with ctx:
+            # [:2]: step_ab.py also times older revisions, whose encoders returned attention maps too
             if frontend:
-                memory, lengths = model.encode(data["wav"], data["wav_lengths"])
+                memory, lengths = model.encode(data["wav"], data["wav_lengths"])[:2]
             else:
-                memory, lengths = model.encode_features(data["feats"], data["frames"])
+                memory, lengths = model.encode_features(data["feats"], data["frames"])[:2]
             loss = model.losses(memory, lengths, data["tokens"], data["token_lengths"])["loss"]
         loss.backward()
         with torch.profiler.record_function("optimizer"):
