@@ -47,10 +47,11 @@ def main() -> int:
     import torch
 
     from speechformer.data import DurationBatchSampler, read_manifest
+    from speechformer.fastpath import flush_denormals, tune_for_training
     from speechformer.model import ModelConfig, SpeechTransformer
 
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
     if args.manifest:
         durations = [u.duration for u in read_manifest(args.manifest)]
         source = args.manifest
@@ -72,6 +73,7 @@ def main() -> int:
     model = SpeechTransformer(ModelConfig(
         vocab_size=256, d_model=192, n_heads=4, d_ff=768, n_encoder_layers=6, n_decoder_layers=3,
         subsampling_channels=64, dropout=0.0, ctc_weight=0.5, specaug_freq_masks=0, specaug_time_masks=0)).train()
+    tune_for_training(model)  # as fit does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def epoch(batches: list[list[int]]) -> float:
@@ -82,7 +84,7 @@ def main() -> int:
             tokens = torch.randint(4, 256, (len(b), max(2, frames // 25)))
             token_lengths = (lengths // 25).clamp(min=1)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                memory, mem_lengths, _ = model.encode_features(torch.randn(len(b), frames, 80), lengths)
+                memory, mem_lengths = model.encode_features(torch.randn(len(b), frames, 80), lengths)
                 loss = model.losses(memory, mem_lengths, tokens, token_lengths)["loss"]
             loss.backward()
             opt.step()

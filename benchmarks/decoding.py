@@ -86,10 +86,11 @@ def main() -> int:
         return 0
 
     from speechformer.decoding import DecodeOptions, beam_search, greedy_decode
+    from speechformer.fastpath import flush_denormals
     from speechformer.tokenizer import DecodeRules
 
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
     ours, hf = build(args)
     # exactly --tokens tokens on both sides: the end token is suppressed (HF: min_new_tokens)
     rules = DecodeRules(prompt=[2], eos_id=2, suppress=[2])

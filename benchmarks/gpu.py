@@ -221,7 +221,7 @@ def decoding(quick: bool) -> dict:
 
             def f():
                 with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16):
-                    memory, lengths, _ = model.encode(wav, wl)
+                    memory, lengths = model.encode(wav, wl)
                     return decode(model, memory, lengths, opts)
             hyps = f()
             dt = timed(f, 1, 2 if quick else 3)
@@ -266,11 +266,11 @@ def parity(quick: bool) -> dict:
     wl = torch.tensor([32000, 20000, 9000])
     tok = torch.randint(4, 100, (3, 12))
     with torch.no_grad():
-        mem_c, ml, _ = model.encode(wav, wl)
-        log_c, _ = model.decode(tok, mem_c, model.memory_mask(ml, mem_c.shape[1]))
+        mem_c, ml = model.encode(wav, wl)
+        log_c = model.decode(tok, mem_c, model.memory_mask(ml, mem_c.shape[1]))
         g = model.to(DEVICE)
-        mem_g, mlg, _ = g.encode(wav.to(DEVICE), wl.to(DEVICE))
-        log_g, _ = g.decode(tok.to(DEVICE), mem_g, g.memory_mask(mlg, mem_g.shape[1]))
+        mem_g, mlg = g.encode(wav.to(DEVICE), wl.to(DEVICE))
+        log_g = g.decode(tok.to(DEVICE), mem_g, g.memory_mask(mlg, mem_g.shape[1]))
     diff = float((log_g.cpu() - log_c).abs().max() / log_c.abs().max())
     log(f"fp32 logits CPU vs GPU max relative diff: {diff:.2e}")
     return {"max_rel_diff": diff}

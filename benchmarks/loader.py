@@ -43,11 +43,12 @@ def main() -> int:
     import torch
 
     from speechformer.data import SpeechDataModule, read_manifest
+    from speechformer.fastpath import flush_denormals, tune_for_training
     from speechformer.model import ModelConfig, SpeechTransformer
     from speechformer.tokenizer import train_tokenizer
 
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
     work = Path(tempfile.mkdtemp(prefix="sf_loader_"))
     if args.manifest:
         manifest = Path(args.manifest)
@@ -85,6 +86,7 @@ def main() -> int:
     model = SpeechTransformer(ModelConfig(
         vocab_size=128, d_model=192, n_heads=4, d_ff=768, n_encoder_layers=6, n_decoder_layers=3,
         subsampling_channels=64, dropout=0.0, ctc_weight=0.5, specaug_freq_masks=0, specaug_time_masks=0)).train()
+    tune_for_training(model)  # as fit does
     model.frontend.set_stats(torch.zeros(80), torch.ones(80), 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 

@@ -130,11 +130,12 @@ class ModuleRegions:
 def build(shape: str, seed: int = 0):
     import torch
 
+    from speechformer.fastpath import tune_for_training
     from speechformer.model import ModelConfig, SpeechTransformer
 
     spec = SHAPES[shape]
     torch.manual_seed(seed)
-    model = SpeechTransformer(ModelConfig(**spec["model"])).train()
+    model = tune_for_training(SpeechTransformer(ModelConfig(**spec["model"])).train())  # as fit does
     b, frames, tokens = spec["batch"], spec["frames"], spec["tokens"]
     vocab = spec["model"]["vocab_size"]
     data = dict(feats=torch.randn(b, frames, 80), frames=torch.full((b,), frames),
@@ -152,10 +153,11 @@ def make_step(model, data: dict, precision: str, frontend: bool = False, optimiz
     def step() -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         with ctx:
+            # [:2]: step_ab.py also times older revisions, whose encoders returned attention maps too
             if frontend:
-                memory, lengths, _ = model.encode(data["wav"], data["wav_lengths"])
+                memory, lengths = model.encode(data["wav"], data["wav_lengths"])[:2]
             else:
-                memory, lengths, _ = model.encode_features(data["feats"], data["frames"])
+                memory, lengths = model.encode_features(data["feats"], data["frames"])[:2]
             loss = model.losses(memory, lengths, data["tokens"], data["token_lengths"])["loss"]
         loss.backward()
         with torch.profiler.record_function("optimizer"):
@@ -217,8 +219,10 @@ def main() -> int:
 
     import torch
 
+    from speechformer.fastpath import flush_denormals
+
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
     columns, cats, modules = [], {}, {}
     for shape in args.shape:
         for precision in args.precision:

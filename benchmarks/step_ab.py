@@ -42,6 +42,13 @@ def import_revision(rev: str, into: Path):
     return importlib.import_module("sf_base.model")
 
 
+def base_tuned(model):
+    """The base revision's model with its training tuning switched on, as its ``fit`` does: a
+    revision with ``fastpath.tune_for_training`` needs the call, an older one tuned itself."""
+    tune = getattr(importlib.import_module("sf_base.fastpath"), "tune_for_training", None)
+    return tune(model) if tune is not None else model
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="main", help="git revision to compare against")
@@ -53,8 +60,10 @@ def main() -> int:
 
     import torch
 
+    from speechformer.fastpath import flush_denormals
+
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = import_revision(args.base, Path(tmp))
@@ -62,7 +71,7 @@ def main() -> int:
             for precision in args.precision:
                 model, data = build(shape)
                 torch.manual_seed(0)
-                old = base.SpeechTransformer(base.ModelConfig(**SHAPES[shape]["model"])).train()
+                old = base_tuned(base.SpeechTransformer(base.ModelConfig(**SHAPES[shape]["model"])).train())
                 times = interleaved({"base": make_step(old, data, precision), "new": make_step(model, data, precision)},
                                     rounds=args.rounds)
                 rows.append([f"{shape} {precision}", median(times["base"]) * 1e3, median(times["new"]) * 1e3,

@@ -60,13 +60,14 @@ def build(shape: str, quick: bool):
     import torch
     from transformers import Speech2TextConfig, Speech2TextForConditionalGeneration
 
+    from speechformer.fastpath import tune_for_training
     from speechformer.model import ModelConfig, SpeechTransformer
 
     spec = SHAPES[shape]
     c = ModelConfig(**spec["ours"], specaug_freq_masks=0, specaug_time_masks=0)
     batch, frames, n_tokens = (2 if quick else spec["batch"]), spec["frames"], spec["tokens"]
     torch.manual_seed(0)
-    ours = SpeechTransformer(c)
+    ours = tune_for_training(SpeechTransformer(c))  # as fit does
     hf = Speech2TextForConditionalGeneration(Speech2TextConfig(
         vocab_size=c.vocab_size, d_model=c.d_model, encoder_layers=c.n_encoder_layers,
         decoder_layers=c.n_decoder_layers, encoder_attention_heads=c.n_heads, decoder_attention_heads=c.n_heads,
@@ -96,6 +97,7 @@ def main() -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from speechformer.fastpath import flush_denormals
     from speechformer.flops import measure_peak_tflops
 
     try:
@@ -104,7 +106,7 @@ def main() -> int:
         print("skipped: transformers is not installed (pip install -e '.[bench]')")
         return 0
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
     peaks = {"bf16": measure_peak_tflops(dtype="bfloat16"), "fp32": measure_peak_tflops(dtype="float32")}
 
     def autocast(precision: str):
@@ -130,7 +132,7 @@ def main() -> int:
         def step_ours(precision: str):
             def go() -> None:
                 with autocast(precision):
-                    memory, lengths, _ = ours.encode_features(feats, frames)
+                    memory, lengths = ours.encode_features(feats, frames)
                     loss = ours.losses(memory, lengths, tokens, token_lengths)["loss"]
                 loss.backward()
                 opt_ours.step()

@@ -54,8 +54,11 @@ def main() -> int:
         print(f"skipped: {err.name} is not installed (pip install -e '.[bench]')")
         return 0
 
+    from speechformer.fastpath import flush_denormals
     from speechformer.transcribe import Transcriber, load_model
     from speechformer.whisper import import_whisper, openai_names
+
+    flush_denormals()  # as transcribe does (speechformer/fastpath.py)
 
     utts = [json.loads(line) for line in manifest.read_text().splitlines()[:args.files]]
     paths = [manifest.parent / u["audio"] for u in utts]

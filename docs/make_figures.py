@@ -149,8 +149,8 @@ def make_figures(model_dir: Path, audio: Path, out: Path, work: Path) -> list[Pa
     import torch
 
     from speechformer.audio import load_audio
-    from speechformer.explain import _alignment_figure, capture_attention, explain_waveform
-    from speechformer.model import attention, causal_mask, sinusoids
+    from speechformer.explain import _alignment_figure, explain_waveform
+    from speechformer.model import attention, capture_attention, causal_mask, sinusoids
     from speechformer.plot import pyplot
     from speechformer.tokenizer import train_tokenizer
     from speechformer.transcribe import load_model
@@ -221,7 +221,7 @@ def make_figures(model_dir: Path, audio: Path, out: Path, work: Path) -> list[Pa
     save("bigram.png", fig)
 
     # causal mask and a trained decoder's self-attention (captured)
-    memory, mem_lengths, _ = model.encode(wav[None], torch.tensor([len(wav)]))
+    memory, mem_lengths = model.encode(wav[None], torch.tensor([len(wav)]))
     dec_in = torch.tensor([exp.prompt + exp.tokens[:-1]])
     with torch.no_grad(), capture_attention([model.decoder_layers[0].self_attn]) as maps:
         model.decode(dec_in, memory, None)

@@ -265,9 +265,11 @@ def cmd_import_whisper(args: argparse.Namespace) -> int:
 
 
 def _load_transcriber(args: argparse.Namespace, **kwargs):  # type: ignore[no-untyped-def]
+    from .fastpath import flush_denormals
     from .tokenizer import WhisperTokenizer
     from .transcribe import Transcriber, load_model, timing_source
 
+    flush_denormals()  # transcribe/evaluate's entry point: process-wide, so here and not in Transcriber
     bundle = load_model(args.model)
     if kwargs.get("timestamps"):  # name the option the user typed when the model cannot time its text
         timing_source(bundle, f"--format {args.format}" if args.format in SUBTITLE_FORMATS else "--timestamps")

@@ -184,7 +184,7 @@ def greedy_decode(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     no_speech = None
     for step in range(max_len):
-        logits, _ = model.decode(tokens, memory, mask, state)
+        logits = model.decode(tokens, memory, mask, state)
         if step == 0:
             no_speech = _no_speech(logits, rules)
         logp = _constrain(logits[:, -1], step, out[rows, :step], suppress, rules)
@@ -384,7 +384,7 @@ def beam_search(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor,
     rows = torch.arange(b, device=device)
 
     for step in range(max_len):
-        logits, _ = model.decode(last, memory, mask, state)
+        logits = model.decode(last, memory, mask, state)
         if step == 0:
             no_speech = _no_speech(logits[::k], rules)
         logp = _constrain(logits[:, -1], step, history, suppress, rules).view(b, k, -1)

@@ -18,9 +18,9 @@
 How: the utterance is encoded once, greedy decoding (:func:`~speechformer.decoding.greedy_decode`,
 as ``transcribe --beam-size 1``) gives the tokens, and one teacher-forced pass of the decoder
 over prompt + tokens gives, at every position, the next-token probabilities and the attention
-weights. The weights come from :func:`capture_attention`, an opt-in hook that makes chosen
+weights. The weights come from :func:`~speechformer.model.capture_attention`, which makes chosen
 :class:`~speechformer.model.MultiHeadAttention` modules use the written-out formula
-(:func:`~speechformer.model.attention`) for that call and keep what it computed; the normal
+(:func:`~speechformer.model.attention`) while it is open and keep what it computed; the normal
 path (fused ``scaled_dot_product_attention``) is not touched and costs nothing extra.
 
 Output token *i* is drawn with the attention of the decoder position that *predicts* it
@@ -35,10 +35,9 @@ from __future__ import annotations
 import html
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -46,48 +45,9 @@ from torch import Tensor
 
 from .audio import load_audio
 from .decoding import DecodeOptions, _Suppressor, greedy_decode
-from .model import MultiHeadAttention, SpeechTransformer
+from .model import SpeechTransformer, capture_attention
 from .atomic import atomic_write_text
 from .transcribe import ModelBundle, load_model
-
-NEED_WEIGHTS_ARG = 6  # position of ``need_weights`` in MultiHeadAttention.forward(x, source, mask, ...)
-
-
-@contextmanager
-def capture_attention(modules: Sequence[MultiHeadAttention]) -> Iterator[list[list[Tensor]]]:
-    """Record the attention weights of ``modules`` while the context is open.
-
-    Yields one list per module; every call of that module appends its weights
-    ``[batch, heads, queries, keys]`` (softmax(QK^T / sqrt(d) + mask), detached, float32).
-    The module computes its output from exactly these weights (the written-out formula
-    instead of the fused kernel), so they are the weights behind its output, not a
-    re-computation that could drift from it. Outside the context nothing changes.
-    """
-    captured: list[list[Tensor]] = [[] for _ in modules]
-    handles = []
-
-    def ask_for_weights(_module, args, kwargs):  # type: ignore[no-untyped-def]
-        if len(args) > NEED_WEIGHTS_ARG:
-            args = (*args[:NEED_WEIGHTS_ARG], True, *args[NEED_WEIGHTS_ARG + 1:])
-        else:
-            kwargs = {**kwargs, "need_weights": True}
-        return args, kwargs
-
-    for module, store in zip(modules, captured):
-        if not isinstance(module, MultiHeadAttention):
-            raise TypeError(f"capture_attention: {type(module).__name__} is not a MultiHeadAttention")
-
-        def keep(_module, _args, output, store=store):  # type: ignore[no-untyped-def]
-            store.append(output[1].detach().float())
-
-        handles.append(module.register_forward_pre_hook(ask_for_weights, with_kwargs=True))
-        handles.append(module.register_forward_hook(keep))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
 
 # ---------------------------------------------------------------------------- analysis
 @dataclass
@@ -204,7 +164,7 @@ def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, 
     whisper = c.frontend == "whisper"
 
     with capture_attention([model.encoder_layers[encoder_layer].attn]) as enc_maps:
-        memory, mem_lengths, _ = model.encode(wav, lengths)
+        memory, mem_lengths = model.encode(wav, lengths)
     hop = model.frontend.hop_length
     spec, frames = model.frontend.log_mel(wav, lengths)
     if whisper:  # the audio's frames of the 30 s window, and the encoder frames covering them
@@ -224,7 +184,7 @@ def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, 
     mask = model.memory_mask(mem_lengths, memory.shape[1])
     cross_modules = [layer.cross_attn for layer in model.decoder_layers]
     with capture_attention(cross_modules) as cross_maps:
-        logits, _ = model.decode(dec_in, memory, mask)
+        logits = model.decode(dec_in, memory, mask)
     p = len(prompt)
     rows = slice(p - 1, p - 1 + len(out_tokens))  # the positions that predict each output token
     # the probabilities decoding chose from: the same suppressed tokens as greedy_decode

@@ -1,25 +1,129 @@
-"""CPU inference fast path: linear layers with their weights prepacked for oneDNN.
+"""Hardware tuning, switched on at the entry points: the model's own code never does it.
 
-``torch.ops.mkldnn._linear_pointwise`` with a weight reordered once by
-``_reorder_linear_weight`` (the path inductor's CPU freezing uses) against PyTorch's default
-fp32 ``addmm`` (MKL), on speechformer's inference shapes (benchmarks/cpu_matmul.py, 2-core
-Xeon): 1.26x on a decoder step (16 rows), 1.38x on a 16-row de-embedding, but 0.80-1.12x on
-encoder shapes (thousands of rows), results equal to ~1e-6. So the Transcriber prepacks the
-*decoder's* linear layers (float32 inference on CPU only) and leaves the encoder on the default.
+The model computes with PyTorch's plain kernels (``nn.Dropout``, fused
+``scaled_dot_product_attention``, ``nn.Linear``). What is here is faster on some hardware and
+gives the same numbers within rounding; each piece is applied by a call, by ``fit``
+(:meth:`~speechformer.lightning.SpeechModule.on_fit_start`), by ``transcribe``/``evaluate``
+(``cli``, :class:`~speechformer.transcribe.Transcriber`) and by the benchmarks:
+
+* :func:`flush_denormals`: subnormal floats read as zero, process-wide (x86 CPUs compute on
+  them far slower, and Adam's second moments and tiny gradients produce them); a Python
+  program that builds a ``Transcriber`` itself calls it if it wants it;
+* :func:`tune_for_training`: on CPU, dropout masks drawn one random byte per element
+  (:class:`ByteMaskDropout`: ``bernoulli_`` dominated CPU dropout) and attention written out
+  as plain matmuls (:func:`cpu_training_attention`: its backward beats the fused CPU kernel's);
+* :func:`tune_for_inference`: on CPU in float32, the decoder's linear layers with their
+  weights prepacked for oneDNN (:class:`PackedLinear`: faster at decoding's few rows, not at
+  the encoder's thousands).
+
+The measurements behind each choice are in benchmarks/README.md ("Hardware tuning").
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
+from .model.attention import MultiHeadAttention, causal_mask, fused_attention
 
+
+def flush_denormals() -> None:
+    """Treat subnormal floats as zero in this process (and its threads), on CPUs that can."""
+    torch.set_flush_denormal(True)
+
+
+# ---------------------------------------------------------------------------- training
+class _ByteMaskFunction(torch.autograd.Function):
+    """Dropout whose keep-mask comes from one random byte per element."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, threshold: int) -> Tensor:  # type: ignore[override]
+        n = x.numel()
+        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+        keep = words.view(torch.uint8)[:n].view(x.shape) >= threshold
+        ctx.scale = 256.0 / (256 - threshold)
+        ctx.save_for_backward(keep)
+        return torch.where(keep, x * ctx.scale, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0.0), None
+
+
+class ByteMaskDropout(nn.Module):
+    """``nn.Dropout`` whose CPU mask is one random byte per element (``torch.randint`` over int64
+    words viewed as bytes), a fraction of the cost of ``bernoulli_``; ``p`` is then rounded to a
+    multiple of 1/256. Off the CPU, it is ``F.dropout``."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+        self.threshold = round(p * 256)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu" or self.threshold == 0:
+            return nn.functional.dropout(x, self.p, training=True)
+        return _ByteMaskFunction.apply(x, self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, byte mask on CPU"
+
+
+def cpu_training_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False,
+                           dropout_p: float = 0.0) -> Tensor:
+    """An attention kernel (:data:`~speechformer.model.attention.Kernel`) for training on CPU.
+
+    With gradients on a CPU and no attention dropout: softmax(Q K^T / sqrt(d)) V as plain matmuls
+    (bf16 under autocast), the scale and the mask applied in place to the scores (two fewer
+    ``[..., Tq, Tk]`` tensors per layer; autograd allows it: the score matmul's backward needs
+    its inputs, not its output). Otherwise (inference, a GPU, attention dropout) the fused kernel.
+    """
+    if q.device.type != "cpu" or not torch.is_grad_enabled() or dropout_p:
+        return fused_attention(q, k, v, mask, is_causal, dropout_p)
+    if is_causal:
+        mask = causal_mask(q.shape[2], q.device)
+    scores = q @ k.transpose(-2, -1)
+    scores.mul_(1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def tune_for_training(model: nn.Module) -> nn.Module:
+    """``model`` (in place) with the CPU training kernels: every dropout module becomes a
+    :class:`ByteMaskDropout`, every attention module runs :func:`cpu_training_attention`.
+
+    Both fall back to the plain kernels off the CPU, so the model may still move to a GPU, and
+    neither holds state: the state dict and checkpoints are unchanged. Returns ``model``.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Dropout):
+                setattr(parent, name, ByteMaskDropout(child.p).train(child.training))
+        if isinstance(parent, MultiHeadAttention):
+            parent.kernel = cpu_training_attention
+    return model
+
+
+# ---------------------------------------------------------------------------- inference
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 class PackedLinear(nn.Module):
-    """An inference-only ``nn.Linear`` whose weight lives in oneDNN's blocked layout."""
+    """An inference-only ``nn.Linear`` whose weight lives in oneDNN's blocked layout.
+
+    ``torch.ops.mkldnn._linear_pointwise`` with a weight reordered once by
+    ``_reorder_linear_weight`` (the path inductor's CPU freezing uses), instead of PyTorch's
+    default fp32 ``addmm`` (MKL); results equal to ~1e-6.
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -50,3 +154,12 @@ def prepack_linears(model: nn.Module) -> int:
                 setattr(parent, name, PackedLinear(child))
                 count += 1
     return count
+
+
+def tune_for_inference(model: nn.Module, device: str | torch.device, precision: str = "fp32") -> int:
+    """Prepack the decoder's linear layers of a :class:`~speechformer.model.SpeechTransformer` for
+    float32 inference on CPU (the decoder is inference-only from then on); the encoder keeps the
+    default, which is as fast at its shapes. Returns the number of layers prepacked (0 elsewhere)."""
+    if torch.device(device).type != "cpu" or precision != "fp32":
+        return 0
+    return prepack_linears(model.decoder_layers)

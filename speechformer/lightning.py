@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.model_summary.model_summary import _format_summ
 
 from .checkpoint import random_state, remove_orphan_temp_files, set_random_state
 from .decoding import DecodeOptions, decode
+from .fastpath import flush_denormals, tune_for_training
 from .flops import measure_peak_tflops, training_flops
 from .frontend import feature_sums
 from .metrics import score
@@ -193,9 +194,10 @@ class SpeechModule(L.LightningModule):
 
     # ----------------------------------------------------------------- setup
     def on_fit_start(self) -> None:
-        # x86 CPUs compute on subnormal floats ~100x slower; Adam's second moments and tiny
-        # gradients can produce them (a profiled CPU step on random data ran 8x slower)
-        torch.set_flush_denormal(True)
+        # the hardware tuning of training (speechformer/fastpath.py), switched on here, at fit:
+        # subnormal floats read as zero, and on CPU the byte-mask dropout and written-out attention
+        flush_denormals()
+        tune_for_training(self.model)
         self._remove_orphan_checkpoint_writes()
         if self.peak_tflops <= 0:
             precision = str(self.trainer.precision) if self.trainer is not None else "32"
@@ -280,7 +282,7 @@ class SpeechModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with torch.set_grad_enabled(not self.freeze_encoder):
-            memory, mem_lengths, _ = self.model.encode(batch["wav"], batch["wav_lengths"])
+            memory, mem_lengths = self.model.encode(batch["wav"], batch["wav_lengths"])
         out = self.model.losses(memory, mem_lengths, batch["tokens"], batch["token_lengths"], self.prompt)
         bs = len(batch["ids"])
         bad = not bool(torch.isfinite(out["loss"].detach()))
@@ -339,7 +341,7 @@ class SpeechModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # one encoder pass serves both the losses and the decoding
-        memory, mem_lengths, _ = self.model.encode(batch["wav"], batch["wav_lengths"])
+        memory, mem_lengths = self.model.encode(batch["wav"], batch["wav_lengths"])
         out = self.model.losses(memory, mem_lengths, batch["tokens"], batch["token_lengths"], self.prompt)
         bs = len(batch["ids"])
         self.log("val_loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)

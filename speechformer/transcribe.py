@@ -35,6 +35,7 @@ from .atomic import atomic_write, atomic_write_text
 from .audio import AudioError, audio_info, load_audio, split_long_audio
 from .decoding import DecodeOptions, Hypothesis, decode
 from .errors import UserError
+from .fastpath import tune_for_inference
 from .model import ModelConfig, SpeechTransformer
 from .timestamps import FrameClock, Segment, Word, whisper_segments, word_timestamps
 from .tokenizer import (MODEL_FILE, WHISPER_FILE, WHISPER_TIME_PRECISION, AnyTokenizer, WhisperTokenizer,
@@ -313,7 +314,6 @@ class Transcriber:
                  compression_ratio_threshold: float = 2.4, cpu_fast_path: bool = True,
                  precision: str = "fp32", stream_seconds: float = 300.0, decoder: str = "attention",
                  ctc_weight: float = 0.3, timestamps: bool = False) -> None:
-        torch.set_flush_denormal(True)  # subnormal floats are ~100x slower on x86 CPUs
         if bundle.tokenizer is None:
             raise ValueError("this model has no tokenizer; import it again with --tokenizer tokenizer.json")
         if precision not in ("fp32", "bf16"):
@@ -327,12 +327,8 @@ class Transcriber:
         self.precision = precision
         self.bundle = bundle
         self.model = bundle.model.to(device).eval()
-        if cpu_fast_path and torch.device(device).type == "cpu" and precision == "fp32":
-            # the decoder's linear layers prepacked for oneDNN: faster at decoding's few rows,
-            # equal results (speechformer/fastpath.py); the decoder is inference-only from here on
-            from .fastpath import prepack_linears
-
-            prepack_linears(self.model.decoder_layers)
+        if cpu_fast_path:  # CPU float32: the decoder's linears prepacked (speechformer/fastpath.py)
+            tune_for_inference(self.model, device, precision)
         self.tokenizer = bundle.tokenizer
         # Whisper with timestamps: no <|notimestamps|> in the prompt, the timestamp rules on
         self.rules = self.tokenizer.rules(timestamps=True) if self.timing == "whisper" else self.tokenizer.rules()
@@ -534,7 +530,7 @@ class Transcriber:
             batch[row, :len(wavs[i])] = wavs[i]
         # bf16: matmuls in bfloat16 (AMX/AVX512-BF16 CPUs, GPUs), features and softmax in float32
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            memory, mem_lengths, _ = self.model.encode(batch.to(self.device), lengths.to(self.device))
+            memory, mem_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device))
             hyps = decode(self.model, memory, mem_lengths, self.options, self.rules)
             log_probs = self.model.ctc_log_probs(memory).cpu() if self.timing == "ctc" else None
         for row, (i, hyp) in enumerate(zip(live, hyps)):

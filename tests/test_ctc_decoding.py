@@ -131,7 +131,7 @@ def test_joint_score_is_the_weighted_sum_of_attention_and_ctc_log_probabilities(
             n = int(mem_lengths[row])
             ctc = -F.ctc_loss(log_probs[row:row + 1, :n].transpose(0, 1), torch.tensor([h.tokens]),
                               torch.tensor([n]), torch.tensor([len(h.tokens)]), blank=c.blank_id, reduction="sum")
-            logits, _ = model.decode(torch.tensor([[c.bos_id] + h.tokens]), memory[row:row + 1],
+            logits = model.decode(torch.tensor([[c.bos_id] + h.tokens]), memory[row:row + 1],
                                      None if mask is None else mask[row:row + 1])
             logits[..., [c.blank_id, c.bos_id]] = float("-inf")
             att = float(logits[0].log_softmax(-1).gather(1, torch.tensor([h.tokens + [c.eos_id]]).T).sum())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ import torch
 
 from speechformer.cli import main
 from speechformer.decoding import DecodeOptions, greedy_decode
-from speechformer.explain import alignment_scores, backward_jumps, capture_attention, word_groups, word_peaks
-from speechformer.model import ModelConfig, MultiHeadAttention, SpeechTransformer
+from speechformer.explain import alignment_scores, backward_jumps, word_groups, word_peaks
+from speechformer.model import ModelConfig, MultiHeadAttention, SpeechTransformer, capture_attention, causal_mask
 from speechformer.tokenizer import WhisperTokenizer
 from speechformer.transcribe import ModelBundle, export_model, load_model
 
@@ -46,6 +47,24 @@ def _heads_out(mha: MultiHeadAttention, weights: torch.Tensor, source: torch.Ten
     return mha.out(y.transpose(1, 2).reshape(b, t, h * dh))
 
 
+def _weights_by_hand(mha: MultiHeadAttention, queries: torch.Tensor, source: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + mask) from the module's projection weights, nothing of its forward."""
+    d, h = mha.d_model, mha.n_heads
+    if mha.cross:
+        (wq, bq), (wk, bk) = (mha.query.weight, mha.query.bias), (mha.kv.weight[:d], mha.kv.bias[:d])
+    else:
+        wq, bq, wk, bk = mha.qkv.weight[:d], mha.qkv.bias[:d], mha.qkv.weight[d:2 * d], mha.qkv.bias[d:2 * d]
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], h, d // h).transpose(1, 2)
+
+    scores = heads(queries @ wq.T + bq) @ heads(source @ wk.T + bk).transpose(-2, -1) / math.sqrt(d // h)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("case", ["self_padded", "causal", "cross_padded", "cached_step"])
 def test_captured_weights_are_the_weights_behind_the_fused_output(case, monkeypatch):
@@ -67,15 +86,15 @@ def test_captured_weights_are_the_weights_behind_the_fused_output(case, monkeypa
 
     def run():
         if case == "self_padded":
-            return mha(src, mask=key_mask)[0], src
+            return mha(src, mask=key_mask), src
         if case == "causal":
-            return mha(x, is_causal=True)[0], x
+            return mha(x, is_causal=True), x
         if case == "cross_padded":
-            return mha(x, source=src, mask=key_mask)[0], src
+            return mha(x, source=src, mask=key_mask), src
         from speechformer.model import KVCache
         cache = KVCache(2, 4, 8, 8, torch.device("cpu"), torch.float32)
         mha(x[:, :6], is_causal=True, cache=cache)  # the past, then one new token reading all of it
-        return mha(x[:, 6:], is_causal=True, cache=cache)[0], x
+        return mha(x[:, 6:], is_causal=True, cache=cache), x
 
     fused, source = run()
     assert calls, "the normal path must use the fused kernel"
@@ -88,6 +107,10 @@ def test_captured_weights_are_the_weights_behind_the_fused_output(case, monkeypa
     tk = 11 if case in ("self_padded", "cross_padded") else 7
     assert weights.shape == (2, 4, tq, tk)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, tq))
+    # the weights the removed return value gave: softmax(Q K^T / sqrt(d) + mask), computed by hand
+    queries = {"self_padded": src, "cached_step": x[:, 6:]}.get(case, x)
+    mask = {"self_padded": key_mask, "cross_padded": key_mask, "causal": causal_mask(7)}.get(case)
+    torch.testing.assert_close(weights, _weights_by_hand(mha, queries, source, mask), atol=1e-6, rtol=1e-5)
     # the output is these weights times the values: the same as the fused kernel's output
     torch.testing.assert_close(_heads_out(mha, weights, source), fused, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(written, fused, atol=1e-5, rtol=1e-5)
@@ -95,10 +118,38 @@ def test_captured_weights_are_the_weights_behind_the_fused_output(case, monkeypa
         assert float(weights[1, :, :, 6:].abs().max()) == 0.0  # padded frames get no attention
     if case == "causal":
         assert float(weights.triu(1).abs().max()) == 0.0  # no token reads the future
-    # the hooks are gone afterwards: the normal path is the fused kernel again
-    assert not mha._forward_hooks and not mha._forward_pre_hooks
+    # released afterwards: the normal path is the fused kernel again, and nothing is recorded
+    assert mha.recorder is None
     run()
     assert calls
+
+
+@torch.no_grad()
+def test_captured_cross_attention_of_beams_sharing_a_memory_is_one_row_per_beam():
+    """Beam search stores each utterance's memory keys/values once and its beams attend to them
+    together; the captured weights are still one row per beam, each softmax(Q K^T / sqrt(d) + mask)
+    of that beam's query over its utterance's memory, and nesting or errors leave no recorder."""
+    torch.manual_seed(0)
+    from speechformer.model import KVCache
+
+    mha = MultiHeadAttention(32, 4, cross=True).eval()
+    memory, beams = torch.randn(2, 9, 32), 3
+    key_mask = (torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None])[:, None, None, :]
+    cache = KVCache(2, 4, 9, 8, torch.device("cpu"), torch.float32)
+    cache.append(*mha.project_kv(memory))
+    x = torch.randn(2 * beams, 1, 32)  # one decoding step of 3 beams per utterance
+    with capture_attention([mha]) as captured:
+        mha(x, mask=key_mask, cache=cache, static_kv=True)
+    weights = captured[0][0]
+    by_hand = _weights_by_hand(mha, x, memory.repeat_interleave(beams, 0), key_mask.repeat_interleave(beams, 0))
+    assert weights.shape == (6, 4, 1, 9)
+    torch.testing.assert_close(weights, by_hand, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="listed twice"):
+        with capture_attention([mha, mha]):
+            pass
+    with pytest.raises(RuntimeError), capture_attention([mha]):
+        raise RuntimeError("a failure inside the context")
+    assert mha.recorder is None
 
 
 def test_alignment_scores_prefer_ordered_sharp_heads_over_sinks():
@@ -141,7 +192,7 @@ def check_explain_output(out: Path, model_path: Path, audio: Path, encoder_layer
 
     wav = load_audio(audio, c.sample_rate)
     with torch.no_grad():
-        memory, mem_lengths, _ = model.encode(wav[None], torch.tensor([len(wav)]))
+        memory, mem_lengths = model.encode(wav[None], torch.tensor([len(wav)]))
     hyp = greedy_decode(model, memory, mem_lengths, DecodeOptions.for_model(model), tok.rules())[0]
     n_tokens = len(hyp.tokens) + 1  # the end token too
     if c.frontend == "whisper":

@@ -36,7 +36,7 @@ def test_the_model_encodes_decodes_and_trains_on_any_length_from_one_sample(subs
     'Calculated padded input size per channel: (2 x 80). Kernel size: (3 x 3)'."""
     model = tiny_model(subsampling)
     wav = torch.randn(1, samples) * 0.1
-    memory, lengths, _ = model.encode(wav, torch.tensor([samples]))
+    memory, lengths = model.encode(wav, torch.tensor([samples]))
     assert memory.shape[1] >= 1 and 1 <= int(lengths[0]) <= memory.shape[1]
     assert bool(torch.isfinite(memory).all())
     hyps = decode(model, memory, lengths, DecodeOptions(max_len=5))
@@ -59,9 +59,9 @@ def test_a_batch_of_short_clips_gives_each_clip_what_it_gets_alone(subsampling):
     batch = torch.zeros(len(clips), max(lengths))
     for row, clip in zip(batch, clips):
         row[:len(clip)] = clip
-    memory, mem_lengths, _ = model.encode(batch, torch.tensor(lengths))
+    memory, mem_lengths = model.encode(batch, torch.tensor(lengths))
     for row, clip in enumerate(clips):
-        alone, alone_lengths, _ = model.encode(clip[None], torch.tensor([len(clip)]))
+        alone, alone_lengths = model.encode(clip[None], torch.tensor([len(clip)]))
         n = int(alone_lengths[0])
         assert int(mem_lengths[row]) == n and bool(torch.isfinite(memory[row]).all())
         if subsampling == "conv2d":
@@ -141,7 +141,7 @@ def test_the_limits_agree_with_the_model_itself():
     longest = UtteranceLimits(model.config).longest_seconds()
     assert longest == 2.05  # 32800 samples: 206 frames of 10 ms, 50 after the 4x subsampling
     samples = int(longest * 16000)
-    memory, _, _ = model.encode(torch.randn(1, samples) * 0.1, torch.tensor([samples]))
+    memory, _ = model.encode(torch.randn(1, samples) * 0.1, torch.tensor([samples]))
     assert memory.shape[1] == 50
     over = samples + 640
     with pytest.raises(ValueError, match="sequence of 51 positions exceeds the maximum 50"):

@@ -10,7 +10,7 @@ import torch
 
 from speechformer.decoding import DecodeOptions, beam_search, greedy_decode
 from speechformer.model import (DecoderLayer, ModelConfig, MultiHeadAttention, SpeechTransformer, TokenEmbedding,
-                                attention, causal_mask, sinusoids)
+                                attention, capture_attention, causal_mask, sinusoids)
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -57,10 +57,12 @@ def test_multi_head_attention_fused_path_equals_written_out_formula():
     x = torch.randn(2, 7, 16)
     mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
     mask[1, ..., 5:] = False
-    fused, _ = mha(x, mask=mask)
-    explicit, weights = mha(x, mask=mask, need_weights=True)
+    fused = mha(x, mask=mask)
+    with capture_attention([mha]) as captured:
+        explicit = mha(x, mask=mask)
+    weights = captured[0][0]
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
-    assert weights is not None and float(weights[1, :, :, 5:].detach().abs().max()) == 0.0  # padded keys get no weight
+    assert float(weights[1, :, :, 5:].abs().max()) == 0.0  # padded keys get no weight
 
 
 def test_decoder_output_at_t_does_not_depend_on_tokens_after_t(model):
@@ -69,8 +71,8 @@ def test_decoder_output_at_t_does_not_depend_on_tokens_after_t(model):
     changed = tokens.clone()
     t = 4
     changed[:, t + 1:] = torch.randint(4, 40, (2, 8 - t - 1))
-    a, _ = model.decode(tokens, memory, None)
-    b, _ = model.decode(changed, memory, None)
+    a = model.decode(tokens, memory, None)
+    b = model.decode(changed, memory, None)
     torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1])
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])  # and the later outputs do see them
 
@@ -80,10 +82,11 @@ def test_cross_attention_output_changes_with_encoder_memory():
     layer = DecoderLayer(32, 4, 64, 0.0, 0.0, "relu", True, 1e-5).eval()
     x = torch.randn(1, 5, 32)
     m1, m2 = torch.randn(1, 9, 32), torch.randn(1, 9, 32)
-    y1, w1 = layer(x, m1, None, need_weights=True)
-    y2, _ = layer(x, m2, None)
+    with capture_attention([layer.cross_attn]) as captured:
+        y1 = layer(x, m1, None)
+    y2 = layer(x, m2, None)
     assert not torch.allclose(y1, y2)
-    assert w1 is not None and w1.shape == (1, 4, 5, 9)  # every token looks over every frame
+    assert captured[0][0].shape == (1, 4, 5, 9)  # every token looks over every frame
 
 
 def test_layer_norm_gives_zero_mean_unit_variance(model):
@@ -103,7 +106,7 @@ def test_skip_connection_passes_input_through_when_blocks_output_zero():
         torch.nn.init.zeros_(lin.weight)
         torch.nn.init.zeros_(lin.bias)
     x = torch.randn(2, 6, 32)
-    y, _ = layer(x)
+    y = layer(x)
     torch.testing.assert_close(y, x)  # x + 0 + 0
 
 
@@ -122,12 +125,12 @@ def test_positions_make_the_encoder_order_aware(model):
     x = torch.randn(1, 10, 32)
     perm = torch.randperm(10)
     layer = model.encoder_layers[0]
-    plain, _ = layer(x)
-    plain_perm, _ = layer(x[:, perm])
+    plain = layer(x)
+    plain_perm = layer(x[:, perm])
     torch.testing.assert_close(plain[:, perm], plain_perm, atol=1e-5, rtol=1e-5)
     pos = model.encoder_positions
-    with_pos, _ = layer(pos(x))
-    with_pos_perm, _ = layer(pos(x[:, perm]))
+    with_pos = layer(pos(x))
+    with_pos_perm = layer(pos(x[:, perm]))
     assert not torch.allclose(with_pos[:, perm], with_pos_perm, atol=1e-3)
 
 
@@ -145,29 +148,29 @@ def test_embedding_is_a_one_hot_lookup_and_de_embedding_is_tied():
 
 
 def test_kv_cache_decoding_equals_full_sequence(model):
-    memory, lengths, _ = model.encode(torch.randn(2, 8000), torch.tensor([8000, 6000]))
+    memory, lengths = model.encode(torch.randn(2, 8000), torch.tensor([8000, 6000]))
     mask = model.memory_mask(lengths, memory.shape[1])
     tokens = torch.randint(4, 40, (2, 6))
-    full, _ = model.decode(tokens, memory, mask)
+    full = model.decode(tokens, memory, mask)
     state = model.init_state(memory, 8)
-    first, _ = model.decode(tokens[:, :2], memory, mask, state)  # a prompt of two tokens
-    rest = [model.decode(tokens[:, i:i + 1], memory, mask, state)[0] for i in range(2, 6)]
+    first = model.decode(tokens[:, :2], memory, mask, state)  # a prompt of two tokens
+    rest = [model.decode(tokens[:, i:i + 1], memory, mask, state) for i in range(2, 6)]
     torch.testing.assert_close(torch.cat([first] + rest, 1), full, atol=1e-5, rtol=1e-4)
 
 
 def test_padding_does_not_change_an_utterance_encoding(model):
     wav = torch.randn(1, 8000)
-    alone, la, _ = model.encode(wav, torch.tensor([8000]))
+    alone, la = model.encode(wav, torch.tensor([8000]))
     padded = torch.cat([wav, torch.zeros(1, 4000)], 1)
     batch = torch.cat([padded, torch.randn(1, 12000)], 0)
-    together, lb, _ = model.encode(batch, torch.tensor([8000, 12000]))
+    together, lb = model.encode(batch, torch.tensor([8000, 12000]))
     n = int(la[0])
     assert int(lb[0]) == n
     torch.testing.assert_close(together[0, :n], alone[0], atol=1e-4, rtol=1e-3)
 
 
 def test_decoding_stops_and_is_bounded_by_input_length(model):
-    memory, lengths, _ = model.encode(torch.randn(3, 4000), torch.tensor([4000, 3000, 2000]))
+    memory, lengths = model.encode(torch.randn(3, 4000), torch.tensor([4000, 3000, 2000]))
     for hyps in (greedy_decode(model, memory, lengths),
                  beam_search(model, memory, lengths, DecodeOptions(beam_size=3))):
         assert len(hyps) == 3
@@ -178,7 +181,7 @@ def test_decoding_stops_and_is_bounded_by_input_length(model):
 
 def test_beam_search_scores_at_least_as_well_as_greedy(model):
     torch.manual_seed(1)
-    memory, lengths, _ = model.encode(torch.randn(2, 6000), torch.tensor([6000, 6000]))
+    memory, lengths = model.encode(torch.randn(2, 6000), torch.tensor([6000, 6000]))
     mask = model.memory_mask(lengths, memory.shape[1])
 
     def logprob(h: list[int], row: int) -> float:
@@ -186,7 +189,7 @@ def test_beam_search_scores_at_least_as_well_as_greedy(model):
         on these rows: the suppressed ids are never chosen, so the renormalisation is tiny)."""
         c = model.config
         seq = torch.tensor([[c.bos_id] + h])
-        logits, _ = model.decode(seq, memory[row:row + 1], None if mask is None else mask[row:row + 1])
+        logits = model.decode(seq, memory[row:row + 1], None if mask is None else mask[row:row + 1])
         logits[..., [c.blank_id, c.bos_id]] = float("-inf")
         logp = logits[0].log_softmax(-1)
         target = h + [c.eos_id]
@@ -214,7 +217,7 @@ def test_whisper_architecture_is_expressible():
     assert "decoder_positions.table" in names  # learned decoder positions
     assert m.ctc is None
     wav = torch.randn(1, 16000)
-    memory, lengths, _ = m.encode(wav, torch.tensor([16000]))
+    memory, lengths = m.encode(wav, torch.tensor([16000]))
     assert memory.shape == (1, 1500, 64)
 
 
@@ -242,7 +245,7 @@ def test_batched_decoding_equals_one_utterance_at_a_time(model):
     projection of the memory (beam search): neither may change any result."""
     torch.manual_seed(3)
     lengths = torch.tensor([6000, 2500, 4000, 1200, 5000, 3000])
-    memory, mem_lengths, _ = model.encode(torch.randn(6, 6000), lengths)
+    memory, mem_lengths = model.encode(torch.randn(6, 6000), lengths)
     options = DecodeOptions(max_len=12)
     for decode_fn, opts in ((greedy_decode, options), (beam_search, DecodeOptions(beam_size=3, max_len=12))):
         together = decode_fn(model, memory, mem_lengths, opts)
@@ -255,8 +258,8 @@ def test_batched_decoding_equals_one_utterance_at_a_time(model):
     assert len(lengths_out) > 1  # the rows really finished at different steps
 
 
-def test_dropout_zeroes_the_asked_fraction_and_keeps_the_expectation():
-    from speechformer.model.layers import Dropout
+def test_byte_mask_dropout_zeroes_the_asked_fraction_and_keeps_the_expectation():
+    from speechformer.fastpath import ByteMaskDropout as Dropout
 
     torch.manual_seed(0)
     drop = Dropout(0.25).train()
@@ -285,10 +288,10 @@ def test_onednn_prepacked_linear_equals_nn_linear_and_is_used_for_cpu_inference(
             assert torch.allclose(PackedLinear(lin)(x), lin(x), atol=1e-5, rtol=1e-5)
     wav, lengths = torch.randn(2, 8000), torch.tensor([8000, 6000])
     with torch.inference_mode():
-        memory, ml, _ = model.eval().encode(wav, lengths)
+        memory, ml = model.eval().encode(wav, lengths)
         before = greedy_decode(model, memory, ml, DecodeOptions(max_len=10))
         n = prepack_linears(model)
-        packed_memory, _, _ = model.encode(wav, lengths)
+        packed_memory, _ = model.encode(wav, lengths)
         after = greedy_decode(model, packed_memory, ml, DecodeOptions(max_len=10))
     assert n > 0 and not any(type(m) is torch.nn.Linear for m in model.modules())
     assert torch.allclose(packed_memory, memory, atol=1e-4)

@@ -4,6 +4,7 @@ the same weights (outputs and gradients), and old checkpoints still load (benchm
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -71,7 +72,7 @@ def test_fused_projections_equal_separate_ones_in_outputs_and_gradients(cross, k
     source = torch.randn(2, 7, d, requires_grad=True) if cross else x
     mask = torch.ones(2, 1, 1, source.shape[1], dtype=torch.bool)
     mask[1, ..., 3:] = False
-    y, _ = mha(x, source=source if cross else None, mask=mask)
+    y = mha(x, source=source if cross else None, mask=mask)
     ref_w = {k: v.clone().requires_grad_() for k, v in w.items()}
     ref = reference_attention(x, source, ref_w, mask)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
@@ -113,10 +114,10 @@ def test_old_layout_state_dict_and_export_load_with_identical_outputs(tmp_path, 
     feats, frames = torch.randn(2, 60, 20), torch.tensor([60, 41])
     tokens = torch.randint(4, 40, (2, 6))
     with torch.no_grad():
-        memory, lengths, _ = model.encode_features(feats, frames)
-        want = model.decode(tokens, memory, model.memory_mask(lengths, memory.shape[1]))[0]
-        got_memory, _, _ = fresh.encode_features(feats, frames)
-        got = fresh.decode(tokens, got_memory, fresh.memory_mask(lengths, memory.shape[1]))[0]
+        memory, lengths = model.encode_features(feats, frames)
+        want = model.decode(tokens, memory, model.memory_mask(lengths, memory.shape[1]))
+        got_memory, _ = fresh.encode_features(feats, frames)
+        got = fresh.decode(tokens, got_memory, fresh.memory_mask(lengths, memory.shape[1]))
     assert torch.equal(got_memory, memory) and torch.equal(got, want)
     # an exported model folder written by the old layout
     out = export_model(ModelBundle(model, None, 30.0, {}), tmp_path / "exported")
@@ -140,7 +141,7 @@ def test_no_key_bias_stays_zero_through_training_steps(cross, assign):
     opt = torch.optim.AdamW(mha.parameters(), lr=0.1)
     for _ in range(3):
         x = torch.randn(2, 6, 32)
-        mha(x, source=x if cross else None)[0].square().sum().backward()
+        mha(x, source=x if cross else None).square().sum().backward()
         opt.step()
         opt.zero_grad()
     bias = mha.kv.bias if cross else mha.qkv.bias
@@ -152,33 +153,72 @@ def _loss_and_grads(model: SpeechTransformer, batch: tuple, bf16: bool) -> tuple
     model.zero_grad(set_to_none=True)
     feats, frames, tokens, token_lengths = batch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        memory, lengths, _ = model.encode_features(feats, frames)
+        memory, lengths = model.encode_features(feats, frames)
         loss = model.losses(memory, lengths, tokens, token_lengths)["loss"]
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_training_step_equals_the_plain_path(monkeypatch, bf16):
-    """The CPU training step (in-place score scaling and masking, in-place ReLU) gives the loss and
-    every parameter gradient of the written-out formula with out-of-place ReLU, on the same weights
-    and batch (padded frames, causal decoder, CTC), in fp32 and under bf16 autocast."""
+def test_training_step_with_the_fast_path_equals_the_plain_path(monkeypatch, bf16):
+    """``fastpath.tune_for_training`` (the CPU attention kernel: in-place score scaling and masking)
+    and the model's in-place ReLU give the loss and every parameter gradient of the plain model
+    (fused SDPA, out-of-place ReLU) on the same weights and batch (padded frames, causal decoder,
+    CTC), in fp32 and under bf16 autocast. The plain model really is plain: its attention runs the
+    fused kernel, and building it tuned nothing."""
+    from speechformer import fastpath
+
     attention_module = sys.modules["speechformer.model.attention"]  # (the package exports a function of that name)
     torch.manual_seed(0)
-    model = SpeechTransformer(ModelConfig(**TINY)).train()
+    plain = SpeechTransformer(ModelConfig(**TINY)).train()
+    fast = fastpath.tune_for_training(copy.deepcopy(plain))
     batch = (torch.randn(3, 50, 20), torch.tensor([50, 37, 22]), torch.randint(4, 40, (3, 5)), torch.tensor([5, 3, 4]))
-    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in model.modules())
-    fast_loss, fast_grads = _loss_and_grads(model, batch, bf16)
-    monkeypatch.setattr(attention_module, "attention_for_training",
-                        lambda q, k, v, mask=None: attention_module.attention(q, k, v, mask)[0])
-    for m in model.modules():
+    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in fast.modules())
+    written_out = []
+    for m in fast.modules():
+        if isinstance(m, MultiHeadAttention):
+            assert m.kernel is fastpath.cpu_training_attention
+            m.kernel = lambda *a: written_out.append(1) or fastpath.cpu_training_attention(*a)
+    fast_loss, fast_grads = _loss_and_grads(fast, batch, bf16)
+    assert written_out  # the fast side ran the CPU kernel
+    sdpa_calls = []
+    real_sdpa = attention_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
+    for m in plain.modules():
         if isinstance(m, torch.nn.ReLU):
             monkeypatch.setattr(m, "inplace", False)
-    plain_loss, plain_grads = _loss_and_grads(model, batch, bf16)
+    plain_loss, plain_grads = _loss_and_grads(plain, batch, bf16)
+    n_attention = sum(isinstance(m, MultiHeadAttention) for m in plain.modules())
+    assert len(sdpa_calls) == n_attention  # every attention call of the plain model: the fused kernel
     tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast_loss, plain_loss, **tol)
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_tuning_swaps_only_kernels_keeps_the_state_dict_and_falls_back_where_it_does_not_pay():
+    """``tune_for_training`` replaces each dropout module by a byte-mask dropout of the same p and
+    gives each attention module the CPU kernel, in place, with the same state dict; the CPU kernel
+    is the fused one without gradients (inference, validation) and with attention dropout."""
+    from speechformer import fastpath
+
+    torch.manual_seed(0)
+    model = SpeechTransformer(ModelConfig(**(TINY | dict(dropout=0.1, activation_dropout=0.2))))
+    drop_p = sorted(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fastpath.tune_for_training(model) is model
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert sorted(m.p for m in model.modules() if isinstance(m, fastpath.ByteMaskDropout)) == drop_p
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+    with torch.no_grad():
+        assert torch.equal(fastpath.cpu_training_attention(q, k, v, None, True), fastpath.fused_attention(q, k, v, None, True))
+    torch.manual_seed(1)
+    with_dropout = fastpath.cpu_training_attention(q, k, v, None, False, 0.5)
+    torch.manual_seed(1)
+    assert torch.equal(with_dropout, fastpath.fused_attention(q, k, v, None, False, 0.5))
 
 
 def test_resuming_a_checkpoint_with_separate_projections_is_refused_naming_init_from():
@@ -198,3 +238,58 @@ def test_resuming_a_checkpoint_with_separate_projections_is_refused_naming_init_
 
     _refuse_resume_of_separate_projections({"state_dict": fused, "optimizer_states": optimiser})  # no error
     _refuse_resume_of_separate_projections({"state_dict": old})  # weights only (init_from, export): converted
+
+
+def flushes_denormals() -> bool:
+    """Whether this process reads subnormal floats as zero (``torch.set_flush_denormal`` has no getter)."""
+    return float(torch.tensor([1e-40], dtype=torch.float32) * 1.0) == 0.0
+
+
+@pytest.fixture
+def denormals_kept():
+    """Subnormal floats kept for the test; the process's setting restored afterwards."""
+    before = flushes_denormals()
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(before)
+
+
+def test_hardware_tuning_is_switched_on_by_the_entry_points_not_by_building(untrained_model, denormals_kept):
+    """Building a model, a training module or a Transcriber changes nothing process-wide and tunes
+    nothing of the model but what the Transcriber is told (``cpu_fast_path``: the decoder's linears
+    prepacked); ``fit`` (``SpeechModule.on_fit_start``) and ``transcribe``/``evaluate``
+    (``cli._load_transcriber``) switch the tuning on."""
+    import argparse
+
+    from speechformer import fastpath
+    from speechformer.cli import _load_transcriber, build_parser
+    from speechformer.lightning import SpeechModule
+    from speechformer.transcribe import Transcriber
+
+    module = SpeechModule(model=ModelConfig(**TINY), peak_tflops=1.0)
+    transcriber = Transcriber(load_model(untrained_model["model"]), cpu_fast_path=False)
+    plain = [m for m in [*module.model.modules(), *transcriber.model.modules()]
+             if isinstance(m, (fastpath.ByteMaskDropout, fastpath.PackedLinear))
+             or (isinstance(m, MultiHeadAttention) and m.kernel is not fastpath.fused_attention)]
+    assert not plain and not flushes_denormals()
+    packed = Transcriber(load_model(untrained_model["model"]))  # the default: prepacked on CPU, if oneDNN is there
+    assert any(isinstance(m, fastpath.PackedLinear) for m in packed.model.decoder_layers.modules()) \
+        == fastpath.onednn_available()
+    assert not any(isinstance(m, fastpath.PackedLinear) for m in packed.model.encoder_layers.modules())
+    assert not flushes_denormals()
+
+    class Trainer:  # what on_fit_start reads of a trainer
+        precision, is_global_zero, checkpoint_callbacks = "32", True, []
+
+    module.trainer = Trainer()
+    module.on_fit_start()
+    assert flushes_denormals()
+    assert all(m.kernel is fastpath.cpu_training_attention for m in module.model.modules()
+               if isinstance(m, MultiHeadAttention))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in module.model.modules())
+
+    torch.set_flush_denormal(False)
+    args = build_parser().parse_args(["evaluate", "--model", str(untrained_model["model"]), "--manifest", "m.jsonl",
+                                      "--out", "report"])
+    assert isinstance(args, argparse.Namespace) and isinstance(_load_transcriber(args), Transcriber)
+    assert flushes_denormals()

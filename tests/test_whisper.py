@@ -78,20 +78,20 @@ def test_openai_whisper_parity_encoder_and_decoder_with_and_without_cache(openai
     torch.manual_seed(0)
     mel = torch.randn(2, 80, 2 * SMALL["n_audio_ctx"])
     ref_audio = openai_model.encoder(mel)
-    memory, lengths, _ = ours.encode_features(mel.transpose(1, 2), torch.tensor([mel.shape[2]] * 2))
+    memory, lengths = ours.encode_features(mel.transpose(1, 2), torch.tensor([mel.shape[2]] * 2))
     assert memory.shape == ref_audio.shape and lengths.tolist() == [SMALL["n_audio_ctx"]] * 2
     assert rel_diff(memory, ref_audio) < 1e-4
 
     tokens = torch.tensor([[50257, 50362, 440, 2068, 7586, 21831, 13, 50256],
                            [50257, 50362, 383, 257, 1332, 11, 994, 50256]])
     ref_logits = openai_model.decoder(tokens, ref_audio)
-    logits, _ = ours.decode(tokens, memory, None)
+    logits = ours.decode(tokens, memory, None)
     assert rel_diff(logits, ref_logits) < 1e-4
 
     # incremental: a two-token prompt, then one token at a time through the KV caches
     state = ours.init_state(memory, tokens.shape[1])
-    steps = [ours.decode(tokens[:, :2], memory, None, state)[0]]
-    steps += [ours.decode(tokens[:, i:i + 1], memory, None, state)[0] for i in range(2, tokens.shape[1])]
+    steps = [ours.decode(tokens[:, :2], memory, None, state)]
+    steps += [ours.decode(tokens[:, i:i + 1], memory, None, state) for i in range(2, tokens.shape[1])]
     cached = torch.cat(steps, dim=1)
     assert rel_diff(cached, ref_logits) < 1e-4
     # and the reference's own cache path gives the same numbers
@@ -114,7 +114,7 @@ def test_import_of_a_wrong_mapping_would_be_caught(openai_model):
     ours.load_state_dict(swapped)
     mel = torch.randn(1, 80, 100)
     with torch.no_grad():
-        memory, _, _ = ours.eval().encode_features(mel.transpose(1, 2), torch.tensor([100]))
+        memory, _ = ours.eval().encode_features(mel.transpose(1, 2), torch.tensor([100]))
         assert rel_diff(memory, openai_model.encoder(mel)) > 1e-2
 
 
@@ -157,9 +157,9 @@ def test_huggingface_folder_import_matches_transformers(tmp_path):
     mel = torch.randn(1, 80, 100)
     tokens = torch.tensor([[50257, 50362, 440, 2068, 7586, 13]])
     ref_logits = ref(input_features=mel, decoder_input_ids=tokens).logits
-    memory, _, _ = ours.encode_features(mel.transpose(1, 2), torch.tensor([100]))
+    memory, _ = ours.encode_features(mel.transpose(1, 2), torch.tensor([100]))
     assert rel_diff(memory, ref.model.encoder(mel).last_hidden_state) < 1e-4
-    assert rel_diff(ours.decode(tokens, memory, None)[0], ref_logits) < 1e-4
+    assert rel_diff(ours.decode(tokens, memory, None), ref_logits) < 1e-4
 
     # the same weights through CTranslate2's own converter: float32 exact, int8 dequantised
     ct2 = pytest.importorskip("ctranslate2.converters", reason="ctranslate2 (test extra) not installed")
@@ -168,8 +168,8 @@ def test_huggingface_folder_import_matches_transformers(tmp_path):
         ct2.TransformersConverter(str(tmp_path / "hf")).convert(str(folder), quantization=quantization)
         model, fmt = load_whisper(folder)
         assert fmt == "ctranslate2"
-        memory_ct2, _, _ = model.encode_features(mel.transpose(1, 2), torch.tensor([100]))
-        assert rel_diff(model.decode(tokens, memory_ct2, None)[0], ref_logits) < tolerance, quantization
+        memory_ct2, _ = model.encode_features(mel.transpose(1, 2), torch.tensor([100]))
+        assert rel_diff(model.decode(tokens, memory_ct2, None), ref_logits) < tolerance, quantization
 
 
 @torch.no_grad()
@@ -182,7 +182,7 @@ def test_ctranslate2_tiny_en_matches_ctranslate2_engine():
     torch.manual_seed(0)
     wav = torch.randn(1, 16000 * 3) * 0.1
     feats, frames = ours.frontend(wav, torch.tensor([wav.shape[1]]))
-    memory, _, _ = ours.encode_features(feats, frames)
+    memory, _ = ours.encode_features(feats, frames)
     engine = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32")
     ref = engine.encode(ctranslate2.StorageView.from_array(feats.transpose(1, 2).contiguous().numpy()))
     assert rel_diff(memory, torch.from_numpy(np.array(ref))) < 1e-4
@@ -255,7 +255,7 @@ def test_whisper_tokenizer_matches_openai_whisper_and_ctranslate2():
 def test_decode_rules_prompt_suppression_and_blank_start(openai_pt):
     model, _ = load_whisper(openai_pt)
     torch.manual_seed(0)
-    memory, lengths, _ = model.encode_features(torch.randn(3, 100, 80), torch.tensor([100] * 3))
+    memory, lengths = model.encode_features(torch.randn(3, 100, 80), torch.tensor([100] * 3))
     free = DecodeRules(prompt=[50257, 50362], eos_id=50256)
     options = DecodeOptions(max_len=8)
     unconstrained = greedy_decode(model, memory, lengths, options, free)

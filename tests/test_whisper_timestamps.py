@@ -158,7 +158,7 @@ def test_greedy_and_beam_search_follow_the_timestamp_rules_on_a_random_whisper()
     tok = WhisperTokenizer((tiny_en_dir() / "tokenizer.json").read_text(encoding="utf-8"), multilingual=False)
     rules = tok.rules(timestamps=True)
     assert rules.prompt == [tok.sot] and rules.timestamp_begin == tok.no_timestamps + 1 == 50363
-    memory, lengths, _ = model.encode_features(torch.randn(3, 100, 80) * 2, torch.tensor([100, 100, 100]))
+    memory, lengths = model.encode_features(torch.randn(3, 100, 80) * 2, torch.tensor([100, 100, 100]))
     options = DecodeOptions(max_len=14)
     timed = greedy_decode(model, memory, lengths, options, rules)
     timed += beam_search(model, memory, lengths, DecodeOptions(max_len=14, beam_size=3), rules)

@@ -1,13 +1,13 @@
 """The transformer, written from its parts: attention, layers, the model, its config."""
 
-from .attention import KVCache, MultiHeadAttention, RotaryEmbedding, attention, causal_mask
+from .attention import KVCache, MultiHeadAttention, RotaryEmbedding, attention, capture_attention, causal_mask
 from .config import ModelConfig
 from .layers import (ConformerLayer, ConvolutionModule, Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, EncoderLayer, FeedForward,
                      LearnedPositions, SinusoidalPositions, sinusoids)
 from .model import DecoderState, SpeechTransformer, TokenEmbedding
 
 __all__ = [
-    "KVCache", "MultiHeadAttention", "RotaryEmbedding", "ConformerLayer", "ConvolutionModule", "attention", "causal_mask", "ModelConfig", "Conv1dSubsampling",
+    "KVCache", "MultiHeadAttention", "RotaryEmbedding", "ConformerLayer", "ConvolutionModule", "attention", "capture_attention", "causal_mask", "ModelConfig", "Conv1dSubsampling",
     "Conv2dSubsampling", "DecoderLayer", "EncoderLayer", "FeedForward", "LearnedPositions",
     "SinusoidalPositions", "sinusoids", "DecoderState", "SpeechTransformer", "TokenEmbedding",
 ]

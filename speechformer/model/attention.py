@@ -10,15 +10,19 @@ A mask removes keys from the lookup: the causal mask hides the future from the d
 (position t may only read positions <= t), the padding mask hides padded frames.
 
 The arithmetic runs in :func:`torch.nn.functional.scaled_dot_product_attention`, which
-picks a fused kernel (flash / memory-efficient on GPU, a fused CPU kernel otherwise).
-:func:`attention` below is that same formula written out, used when the caller wants
-to see the weights (``need_weights=True``) and by the tests as the reference.
+picks a fused kernel (flash / memory-efficient on GPU, a fused CPU kernel otherwise) and
+never writes the weights out. :func:`attention` below is that same formula written out:
+:func:`capture_attention` makes chosen modules use it, and keep its weights, while the
+context is open (``explain``, the tests' reference); a module's kernel can be swapped for a
+faster one on some hardware (:mod:`speechformer.fastpath`), the model never does it itself.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import partial
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +47,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tu
     return weights @ v, weights
 
 
-def attention_for_training(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """:func:`attention`'s output, with the scale and the mask applied in place to the scores.
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False,
+                    dropout_p: float = 0.0) -> Tensor:
+    """The default kernel of :class:`MultiHeadAttention`: PyTorch's fused
+    ``scaled_dot_product_attention`` (``mask`` boolean, True = may attend)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
 
-    Two fewer ``[..., Tq, Tk]`` tensors are written and read per layer (autograd allows it: the
-    score matmul's backward needs its inputs, not its output). The CPU training path.
-    """
-    scores = q @ k.transpose(-2, -1)
-    scores.mul_(1.0 / math.sqrt(q.shape[-1]))
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+
+#: an attention kernel: (q, k, v, mask, is_causal, dropout_p) -> output, as :func:`fused_attention`
+Kernel = Callable[[Tensor, Tensor, Tensor, "Tensor | None", bool, float], Tensor]
 
 
 class RotaryEmbedding(nn.Module):
@@ -164,7 +166,14 @@ class MultiHeadAttention(nn.Module):
     key rows' bias at zero (a key bias shifts all of a query's scores equally, so softmax
     ignores it). State dicts with separate ``query``/``key``/``value`` load unchanged (converted
     by :func:`_fuse_separate_projections`).
+
+    The lookup runs in ``kernel`` (:func:`fused_attention` unless :mod:`speechformer.fastpath`
+    swapped it); while :func:`capture_attention` holds the module, ``recorder`` is a list and the
+    written-out :func:`attention` runs instead, appending its weights there.
     """
+
+    #: the attention kernel; an instance may be given another one with the same arguments
+    kernel: Kernel = staticmethod(fused_attention)
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, key_bias: bool = True,
                  rotary: bool = False, cross: bool = False) -> None:
@@ -189,6 +198,8 @@ class MultiHeadAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim) if rotary else None
         self.register_load_state_dict_pre_hook(_fuse_separate_projections)
         self.register_load_state_dict_post_hook(_after_load)
+        #: where the weights of each call go while :func:`capture_attention` holds the module (else None)
+        self.recorder: list[Tensor] | None = None
 
     def _fused(self) -> nn.Linear:
         return self.kv if self.cross else self.qkv
@@ -235,8 +246,7 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool = False,
         cache: KVCache | None = None,
         static_kv: bool = False,
-        need_weights: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> Tensor:
         """Attend from ``x`` [B, Tq, D] to ``source`` [B, Tk, D] (``x`` itself if None).
 
         mask: boolean, broadcastable to [B, H, Tq, Tk], True = may attend.
@@ -277,25 +287,46 @@ class MultiHeadAttention(nn.Module):
                 mask, is_causal = (step_mask if mask is None else mask & step_mask), False
         if is_causal and mask is not None:  # fold the causal mask into the given one
             mask, is_causal = mask & causal_mask(q.shape[2], q.device), False
-        weights = None
-        if need_weights:
+        if self.recorder is not None:  # asked for the weights: the formula they are the weights of
             y, weights = attention(q, k, v, causal_mask(q.shape[2], q.device) if is_causal else mask)
-        elif q.device.type == "cpu" and torch.is_grad_enabled() and not (self.training and self.dropout):
-            # Training on CPU: the written-out formula (plain matmuls, bf16 under autocast) runs
-            # forward+backward about 1.4x faster than the fused CPU kernel at speech lengths
-            # (benchmarks/README.md); inference keeps the fused kernel.
-            y = attention_for_training(q, k, v, causal_mask(q.shape[2], q.device) if is_causal else mask)
+            if group > 1:  # one row of weights per beam
+                weights = weights.view(weights.shape[0], h, group, t, tk).transpose(1, 2).reshape(b, h, t, tk)
+            self.recorder.append(weights.detach().float())
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
-            )
+            y = self.kernel(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
         if group > 1:  # back to one row per beam
             y = y.view(y.shape[0], h, group, t, dh).transpose(1, 2).reshape(b, h, t, dh)
-            if weights is not None:
-                weights = weights.view(weights.shape[0], h, group, t, tk).transpose(1, 2).reshape(b, h, t, tk)
         b, h, t, dh = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, t, h * dh)), weights
+        return self.out(y.transpose(1, 2).reshape(b, t, h * dh))
+
+
+@contextmanager
+def capture_attention(modules: Iterable[MultiHeadAttention]) -> Iterator[list[list[Tensor]]]:
+    """Record the attention weights of ``modules`` while the context is open.
+
+    Yields one list per module; every call of that module appends its weights
+    ``[batch, heads, queries, keys]`` (softmax(QK^T / sqrt(d) + mask), detached, float32; one
+    row per beam when beams share their utterance's memory). The module computes its output
+    from exactly these weights (the written-out formula instead of its kernel), so they are the
+    weights behind its output, not a re-computation that could drift from it. Attention dropout
+    is not applied to them (``explain`` runs in eval mode). Outside the context nothing
+    changes: the kernel runs and no weights are computed.
+    """
+    modules = list(modules)
+    for module in modules:
+        if not isinstance(module, MultiHeadAttention):
+            raise TypeError(f"capture_attention: {type(module).__name__} is not a MultiHeadAttention")
+    if len({id(m) for m in modules}) != len(modules):
+        raise ValueError("capture_attention: a module is listed twice")
+    captured: list[list[Tensor]] = [[] for _ in modules]
+    previous = [m.recorder for m in modules]
+    for module, store in zip(modules, captured):
+        module.recorder = store
+    try:
+        yield captured
+    finally:
+        for module, recorder in zip(modules, previous):
+            module.recorder = recorder
 
 
 def fused_layout(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -47,7 +47,7 @@ class ModelConfig:
     conv_norm: Literal["layer", "batch"] = "layer"  # conformer: norm after the depthwise convolution
     # conformer: the LayerNorm that ends each block (the paper's). It renormalises the residual
     # stream after every block, which trains like a post-LN stack: on the synthetic recipe the CTC
-    # loss stalled at 4.7 for 800+ steps with it and broke through at step ~180 without it
+    # loss stalled with it and not without it (recipes/synthetic/README.md)
     conformer_final_norm: bool = True
 
     activation: Literal["relu", "gelu"] = "relu"
@@ -60,9 +60,8 @@ class ModelConfig:
     embed_scale: bool = True  # multiply token embeddings by sqrt(d_model) before adding positions
     # multiply the subsampled audio frames by sqrt(d_model) before adding positions (ESPnet's
     # xscale): the audio then enters at the scale of what the blocks add. With the Conformer's
-    # block-final norm it kept the audio's frame-to-frame spread (0.5 instead of 0.04 after the
-    # first block) but did not by itself unstall the CTC loss; the synthetic Conformer config
-    # keeps it, as measured (recipes/synthetic/README.md)
+    # block-final norm it kept the audio's frame-to-frame spread but did not by itself unstall the
+    # CTC loss; the synthetic Conformer config keeps it (figures: recipes/synthetic/README.md)
     encoder_input_scale: bool = False
     key_bias: bool = True  # Whisper has no bias on the key projection
     layer_norm_eps: float = 1e-5

@@ -143,49 +143,13 @@ class Conv1dSubsampling(nn.Module):
         return self.act(self.conv2(x)).transpose(1, 2)
 
 
-class _ByteMaskDropout(torch.autograd.Function):
-    """Dropout whose keep-mask comes from one random byte per element."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, threshold: int) -> Tensor:  # type: ignore[override]
-        n = x.numel()
-        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
-        keep = words.view(torch.uint8)[:n].view(x.shape) >= threshold
-        ctx.scale = 256.0 / (256 - threshold)
-        ctx.save_for_backward(keep)
-        return torch.where(keep, x * ctx.scale, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad * ctx.scale, 0.0), None
-
-
-class Dropout(nn.Module):
-    """Zero each element with probability ``p`` in training (and scale the rest by 1 / (1 - p)).
-
-    On CPU the mask is drawn as one random byte per element (``torch.randint`` over int64
-    words viewed as bytes), which costs a fraction of ``bernoulli_``: plain CPU dropout was a
-    quarter of a training step (benchmarks/README.md). ``p`` is then rounded to a multiple
-    of 1/256. Elsewhere it is ``F.dropout``.
-    """
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {p}")
-        self.p = p
-        self.threshold = round(p * 256)
+class Dropout(nn.Dropout):
+    """``nn.Dropout``, not called at all where it does nothing (evaluation, ``p = 0``): decoding
+    passes a dozen of them per token. :func:`speechformer.fastpath.tune_for_training` swaps in
+    a CPU-friendlier mask."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu" or self.threshold == 0:
-            return torch.nn.functional.dropout(x, self.p, training=True)
-        return _ByteMaskDropout.apply(x, self.threshold)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return super().forward(x) if self.training and self.p > 0 else x
 
 
 class FeedForward(nn.Module):
@@ -217,12 +181,9 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, need_weights: bool = False
-                ) -> tuple[Tensor, Tensor | None]:
-        y, weights = self.attn(self.attn_norm(x), mask=mask, need_weights=need_weights)
-        x = x + self.dropout(y)
-        x = x + self.dropout(self.ff(self.ff_norm(x)))
-        return x, weights
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask=mask))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
 class ConvolutionModule(nn.Module):
@@ -286,16 +247,14 @@ class ConformerLayer(nn.Module):
         self.out_norm: nn.Module = nn.LayerNorm(d_model, eps=eps) if final_norm else nn.Identity()
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, need_weights: bool = False
-                ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` is the encoder's [B, 1, 1, T] key mask (True = real frame) or None."""
         x = x + 0.5 * self.dropout(self.ff1(self.ff1_norm(x)))
-        y, weights = self.attn(self.attn_norm(x), mask=mask, need_weights=need_weights)
-        x = x + self.dropout(y)
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask=mask))
         pad = ~mask[:, 0, 0, :] if mask is not None else None
         x = x + self.dropout(self.conv(self.conv_norm(x), pad))
         x = x + 0.5 * self.dropout(self.ff2(self.ff2_norm(x)))
-        return self.out_norm(x), weights
+        return self.out_norm(x)
 
 
 class DecoderLayer(nn.Module):
@@ -320,16 +279,11 @@ class DecoderLayer(nn.Module):
         memory_mask: Tensor | None,
         self_cache: KVCache | None = None,
         cross_cache: KVCache | None = None,
-        need_weights: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> Tensor:
         # Causal: position t reads positions <= t (with a cache, the past is in the cache).
-        y, _ = self.self_attn(self.self_norm(x), is_causal=True, cache=self_cache)
-        x = x + self.dropout(y)
-        y, cross_weights = self.cross_attn(
+        x = x + self.dropout(self.self_attn(self.self_norm(x), is_causal=True, cache=self_cache))
+        x = x + self.dropout(self.cross_attn(
             self.cross_norm(x), source=memory, mask=memory_mask,
             cache=cross_cache, static_kv=cross_cache is not None and cross_cache.length > 0,
-            need_weights=need_weights,
-        )
-        x = x + self.dropout(y)
-        x = x + self.dropout(self.ff(self.ff_norm(x)))
-        return x, cross_weights
+        ))
+        return x + self.dropout(self.ff(self.ff_norm(x)))

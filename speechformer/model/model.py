@@ -111,15 +111,16 @@ class SpeechTransformer(nn.Module):
         self.ctc = nn.Linear(c.d_model, c.vocab_size) if c.ctc_head else None
 
     # ------------------------------------------------------------------ encoder
-    def encode(self, wav: Tensor, wav_lengths: Tensor, need_weights: bool = False
-               ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """Waveforms [B, samples] -> memory [B, T', D], memory lengths [B], attention maps."""
-        feats, frames = self.frontend(wav, wav_lengths)
-        return self.encode_features(feats, frames, need_weights)
+    def encode(self, wav: Tensor, wav_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Waveforms [B, samples] -> memory [B, T', D], memory lengths [B].
 
-    def encode_features(self, feats: Tensor, frames: Tensor, need_weights: bool = False
-                        ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """Frames [B, T, n_mels] -> memory [B, T', D] (the part after the frontend)."""
+        The attention maps are not returned: :func:`~speechformer.model.capture_attention`
+        records them from the layers that are asked."""
+        feats, frames = self.frontend(wav, wav_lengths)
+        return self.encode_features(feats, frames)
+
+    def encode_features(self, feats: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """Frames [B, T, n_mels] -> memory [B, T', D], lengths [B] (the part after the frontend)."""
         feats = self.specaug(feats, frames)
         x = self.subsampling(feats)
         if self.config.encoder_input_scale:
@@ -127,12 +128,9 @@ class SpeechTransformer(nn.Module):
         lengths = self.subsampling.output_lengths(frames).clamp(min=1, max=x.shape[1])
         x = self.dropout(self.encoder_positions(x))
         mask = self.memory_mask(lengths, x.shape[1])
-        maps = []
         for layer in self.encoder_layers:
-            x, weights = layer(x, mask, need_weights)
-            if weights is not None:
-                maps.append(weights)
-        return self.encoder_norm(x), lengths, maps
+            x = layer(x, mask)
+        return self.encoder_norm(x), lengths
 
     @staticmethod
     def memory_mask(lengths: Tensor, max_len: int) -> Tensor | None:
@@ -143,22 +141,18 @@ class SpeechTransformer(nn.Module):
 
     # ------------------------------------------------------------------ decoder
     def decode(self, tokens: Tensor, memory: Tensor, memory_mask: Tensor | None,
-               state: DecoderState | None = None, need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
+               state: DecoderState | None = None) -> Tensor:
         """Tokens [B, L] (all of them, or only the new ones when ``state`` caches the past)
-        -> logits [B, L, vocab] and, if asked, the cross-attention maps per layer."""
+        -> logits [B, L, vocab] (cross-attention maps: :func:`~speechformer.model.capture_attention`)."""
         offset = state.offset if state is not None else 0
         x = self.dropout(self.decoder_positions(self.embedding(tokens), offset=offset))
-        maps = []
         for i, layer in enumerate(self.decoder_layers):
-            x, weights = layer(
+            x = layer(
                 x, memory, memory_mask,
                 self_cache=state.self_caches[i] if state is not None else None,
                 cross_cache=state.cross_caches[i] if state is not None else None,
-                need_weights=need_weights,
             )
-            if weights is not None:
-                maps.append(weights)
-        return self.embedding.logits(self.decoder_norm(x)), maps
+        return self.embedding.logits(self.decoder_norm(x))
 
     def init_state(self, memory: Tensor, max_len: int, repeat: int = 1) -> DecoderState:
         """Empty self-attention caches for ``max_len`` tokens and cross-attention caches
@@ -195,7 +189,7 @@ class SpeechTransformer(nn.Module):
                 prompt: Sequence[int] | None = None) -> dict[str, Tensor]:
         """Losses for a batch. ``tokens`` [B, L] are transcripts without bos/eos, padded
         anywhere past ``token_lengths``. Returns loss, att_loss, ctc_loss, accuracy."""
-        memory, mem_lengths, _ = self.encode(wav, wav_lengths)
+        memory, mem_lengths = self.encode(wav, wav_lengths)
         return self.losses(memory, mem_lengths, tokens, token_lengths, prompt)
 
     def losses(self, memory: Tensor, mem_lengths: Tensor, tokens: Tensor, token_lengths: Tensor,
@@ -218,7 +212,7 @@ class SpeechTransformer(nn.Module):
         target = torch.where(real, padded, c.eos_id)
         target = torch.where(positions <= token_lengths[:, None], target, -100)
 
-        logits, _ = self.decode(dec_in, memory, self.memory_mask(mem_lengths, memory.shape[1]))
+        logits = self.decode(dec_in, memory, self.memory_mask(mem_lengths, memory.shape[1]))
         logits = logits[:, p - 1:].float()
         att_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
                                    label_smoothing=c.label_smoothing)
