@@ -192,6 +192,9 @@ def onnx_config(bundle: ModelBundle, quantize: str | None) -> dict[str, Any]:
         "sample_rate": c.sample_rate,
         "feature_frame_seconds": hop / c.sample_rate,
         "memory_frame_seconds": hop * c.subsampling_factor / c.sample_rate,
+        # the subsampler's receptive field: PyTorch pads shorter feature sequences, a branch the
+        # graph does not keep, so a runtime pads the samples (masked by wav_lengths) to this width
+        "min_samples": (model.subsampling.min_frames - 1) * hop,
         "token_ids": {"vocab_size": c.vocab_size, "blank": c.blank_id, "bos": c.bos_id, "eos": c.eos_id},
         "rules": vars(rules) if rules is not None else None,
         "timestamp_rules": vars(timestamp_rules) if timestamp_rules is not None else None,

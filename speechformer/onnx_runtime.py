@@ -133,7 +133,10 @@ class OnnxTranscriber:
     def encode(self, wavs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Zero-padded batch -> the encoder graph's outputs by name."""
         lengths = np.array([len(w) for w in wavs], dtype=np.int64)
-        batch = np.zeros((len(wavs), int(lengths.max())), dtype=np.float32)
+        # at least the subsampler's receptive field: the samples past wav_lengths are masked, so this
+        # is what PyTorch's padding of a short clip's features is (speechformer/model/layers.py)
+        width = max(int(lengths.max()), int(self.config.get("min_samples", 0)))
+        batch = np.zeros((len(wavs), width), dtype=np.float32)
         for row, wav in enumerate(wavs):
             batch[row, :len(wav)] = wav
         outputs = self.encoder.run(None, {"wav": batch, "wav_lengths": lengths})
