@@ -31,7 +31,7 @@ import onnxruntime as ort
 import soundfile as sf
 
 from .errors import UserError
-from .tokenizer import DecodeRules, load_tokenizer
+from .tokenizer import MODEL_FILE, WHISPER_FILE, DecodeRules, load_tokenizer
 
 ONNX_FORMAT = "speechformer-onnx"  # speechformer.onnx_export writes it (that module needs torch)
 SILENCE_PEAK = 1e-4  # as speechformer.transcribe: a window quieter than -80 dBFS is not decoded
@@ -74,6 +74,9 @@ class OnnxTranscriber:
         options.intra_op_num_threads = num_threads
         self.encoder = self._session(self.config["encoder"], options)
         self.decoder = self._session(self.config["decoder"], options)
+        if not any((self.folder / name).is_file() for name in (MODEL_FILE, WHISPER_FILE)):
+            raise UserError(self.folder, f"no tokenizer ({MODEL_FILE} or {WHISPER_FILE})", "export a model that has "
+                            "one (a Whisper import: import it again with --tokenizer tokenizer.json)")
         self.tokenizer = load_tokenizer(self.folder)
         self.rules: DecodeRules = self.tokenizer.rules()
         model = self.config["model"]
@@ -202,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         texts = OnnxTranscriber(args.model, num_threads=args.threads).transcribe(args.files)
-    except UserError as err:
+    except (OSError, ValueError) as err:  # UserError is a ValueError: its message is the whole line
         print(f"error: {err}", file=sys.stderr)
         return 1
     for text in texts:
