@@ -243,11 +243,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .outputs import prepare_output_dir
     from .transcribe import export_model, load_model
 
+    if args.quantize and args.format != "onnx":
+        raise UserError(f"--quantize {args.quantize}", "quantises ONNX graphs only", "add --format onnx")
+    if args.format == "onnx":
+        _check_onnx_exporter()
     prepare_output_dir(args.out, [args.model], flag="--out")
     bundle = load_model(args.model)
-    out = export_model(bundle, args.out)
-    print(f"export: {args.model} -> {out} ({bundle.model.num_parameters() / 1e6:.2f}M parameters)")
+    if args.format == "onnx":
+        from .onnx_export import export_onnx
+
+        out = export_onnx(bundle, args.out, quantize=args.quantize)
+    else:
+        out = export_model(bundle, args.out)
+    print(f"export: {args.model} -> {out} ({args.format}, {bundle.model.num_parameters() / 1e6:.2f}M parameters)")
     return 0
+
+
+def _check_onnx_exporter() -> None:
+    """``--format onnx`` needs onnx and onnxscript (torch's exporter) and onnxruntime: one line if any is absent."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError("--format onnx", f"needs {', '.join(missing)}, not installed",
+                        "pip install 'speechformer[onnx]'")
 
 
 def cmd_import_whisper(args: argparse.Namespace) -> int:
@@ -559,8 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_average)
 
     e = sub.add_parser("export", help="write an inference directory (config.json, model.safetensors, tokenizer)")
-    e.add_argument("--model", required=True, help="checkpoint (.ckpt)")
+    e.add_argument("--model", required=True, help="checkpoint (.ckpt), or a model folder (--format onnx)")
     e.add_argument("--out", required=True, help="model folder to write")
+    e.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                   help="safetensors: the PyTorch inference folder; onnx: encoder.onnx + decoder.onnx for "
+                   "onnxruntime (docs/deploy.md)")
+    e.add_argument("--quantize", choices=("int8",), default=None,
+                   help="with --format onnx: dynamic int8 quantisation of the matrix products")
     e.set_defaults(func=cmd_export)
 
     w = sub.add_parser("import-whisper", help="convert OpenAI Whisper weights (openai .pt, Hugging Face or "

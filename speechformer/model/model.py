@@ -134,8 +134,11 @@ class SpeechTransformer(nn.Module):
 
     @staticmethod
     def memory_mask(lengths: Tensor, max_len: int) -> Tensor | None:
-        """[B, 1, 1, T] boolean key mask (True = real frame), or None if nothing is padded."""
-        if bool((lengths >= max_len).all()):
+        """[B, 1, 1, T] boolean key mask (True = real frame), or None if nothing is padded.
+
+        While exporting to ONNX the mask is always made: the shortcut is a data-dependent branch,
+        which the graph would otherwise freeze to the example batch's case."""
+        if not torch.onnx.is_in_onnx_export() and bool((lengths >= max_len).all()):
             return None
         return (torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
 

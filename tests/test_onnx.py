@@ -1,0 +1,233 @@
+"""ONNX export (`speechformer export --format onnx`): the graphs against PyTorch, float32.
+
+One small random model per family (transformer, Conformer, Whisper layout), exported once through
+the command line; each graph is then run by onnxruntime at two audio lengths and batch sizes 1
+and 3 (rows of different lengths, so a size or a mask baked in as the example's shows up), and
+compared with the model's own PyTorch code: the encoder's memory lengths, CTC log-probabilities
+and cross-attention keys/values, and the decoder's log-probabilities over a whole sequence at
+once and step by step through its caches (also with two beams per utterance sharing its memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+from speechformer.cli import main  # noqa: E402
+from speechformer.model import ModelConfig, SpeechTransformer  # noqa: E402
+from speechformer.onnx_export import (DECODER_FILE, DECODER_INPUTS, ENCODER_FILE, encoder_outputs,  # noqa: E402
+                                      quantize_int8)
+from speechformer.transcribe import ModelBundle, export_model, load_model  # noqa: E402
+
+TOL = 1e-4
+SECONDS = (0.6, 1.3)
+BATCHES = (1, 3)
+# tests/test_whisper.py's tiny Whisper, with the 1500 encoder positions a 30-second window needs
+WHISPER = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
+               n_vocab=51864, n_text_ctx=32, n_text_state=64, n_text_head=4, n_text_layer=2)
+FAMILIES = ("transformer", "conformer", "whisper")
+
+
+def _model(family: str, untrained: Path, folder: Path) -> Path:
+    """A random model folder (safetensors) of ``family``: conftest's untrained transformer (it has
+    a tokenizer), or one built here."""
+    if family == "transformer":
+        return untrained
+    torch.manual_seed(1)
+    if family == "conformer":
+        config = ModelConfig(vocab_size=40, d_model=32, n_heads=2, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
+                             subsampling_channels=8, encoder="conformer", encoder_positions="sinusoidal+rotary",
+                             conv_kernel_size=5)
+    else:
+        config = ModelConfig.whisper(**WHISPER)
+    model = SpeechTransformer(config).eval()
+    if family == "conformer":  # normalisation statistics that are not the identity
+        model.frontend.mean.normal_()
+        model.frontend.std.uniform_(0.5, 2.0)
+    export_model(ModelBundle(model, None), folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def exported(request, tmp_path_factory, untrained_model):
+    """family, the PyTorch model and its folder, the ONNX folder, the encoder and decoder sessions."""
+    family = request.param
+    tmp = tmp_path_factory.mktemp(f"onnx_{family}")
+    folder = _model(family, untrained_model["model"], tmp / "torch")
+    out = tmp / "onnx"
+    assert main(["export", "--format", "onnx", "--model", str(folder), "--out", str(out)]) == 0
+    model = load_model(folder).model.eval()
+    sessions = [ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"])
+                for f in (ENCODER_FILE, DECODER_FILE)]
+    return SimpleNamespace(family=family, model=model, folder=folder, out=out, encoder=sessions[0],
+                           decoder=sessions[1])
+
+
+def _audio(seconds: float, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch: the first row fills it, the others are shorter (different lengths)."""
+    n = int(seconds * 16000)
+    g = torch.Generator().manual_seed(seed)
+    wav = torch.randn(batch, n, generator=g) * 0.1
+    lengths = torch.tensor([n - i * n // 5 for i in range(batch)])
+    wav = wav * (torch.arange(n)[None, :] < lengths[:, None])
+    return wav, lengths
+
+
+def _encode(session, wav: torch.Tensor, lengths: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
+    return dict(zip(names, session.run(None, {"wav": wav.numpy(), "wav_lengths": lengths.numpy()})))
+
+
+def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
+    assert a.shape == tuple(b.shape)
+    return float(np.abs(a - b.numpy()).max())
+
+
+@pytest.mark.parametrize("seconds", SECONDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@torch.no_grad()
+def test_encoder_graph_matches_pytorch(exported, seconds, batch):
+    family, model, encoder = exported.family, exported.model, exported.encoder
+    wav, lengths = _audio(seconds, batch)
+    got = _encode(encoder, wav, lengths, encoder_outputs(model))
+    memory, mem_lengths, _ = model.encode(wav, lengths)
+    assert got["mem_lengths"].tolist() == mem_lengths.tolist()
+    if family == "whisper":
+        assert "ctc_log_probs" not in got
+    else:
+        assert len(set(got["mem_lengths"].tolist())) == batch  # rows of different lengths: padding is masked
+        assert _max_diff(got["ctc_log_probs"], model.ctc_log_probs(memory)) < TOL
+    keys, values = zip(*(layer.cross_attn.project_kv(memory) for layer in model.decoder_layers))
+    assert _max_diff(got["cross_k"], torch.stack(keys)) < TOL
+    assert _max_diff(got["cross_v"], torch.stack(values)) < TOL
+
+
+def _step(session, tokens: torch.Tensor, cache: tuple[np.ndarray, np.ndarray], enc: dict[str, np.ndarray]
+          ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    feed = dict(zip(DECODER_INPUTS, [tokens.numpy(), *cache, enc["cross_k"], enc["cross_v"], enc["mem_lengths"]]))
+    log_probs, k, v = session.run(None, feed)
+    return log_probs, (k, v)
+
+
+def _empty_cache(model: SpeechTransformer, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    c = model.config
+    shape = (c.n_decoder_layers, rows, c.n_heads, 0, c.d_model // c.n_heads)
+    return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+
+@pytest.mark.parametrize("seconds", SECONDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@torch.no_grad()
+def test_decoder_graph_matches_pytorch_with_and_without_the_cache(exported, seconds, batch):
+    model, encoder, decoder = exported.model, exported.encoder, exported.decoder
+    wav, lengths = _audio(seconds, batch, seed=1)
+    enc = _encode(encoder, wav, lengths, encoder_outputs(model))
+    memory, mem_lengths, _ = model.encode(wav, lengths)
+    beams = 2  # two hypotheses per utterance, consecutive rows sharing its memory
+    rows = batch * beams
+    g = torch.Generator().manual_seed(int(seconds * 10) + batch)
+    tokens = torch.randint(4, model.config.vocab_size, (rows, 7), generator=g)
+    tokens[:, 0] = model.config.bos_id
+    rep_memory = memory.repeat_interleave(beams, 0)
+    ref_full = model.decode(tokens, rep_memory, model.memory_mask(mem_lengths.repeat_interleave(beams), memory.shape[1])
+                            )[0].float().log_softmax(-1)
+    # without the cache: the whole sequence in one call
+    full, (k, v) = _step(decoder, tokens, _empty_cache(model, rows), enc)
+    assert _max_diff(full, ref_full) < TOL
+    assert k.shape[3] == tokens.shape[1]
+    # with the cache: a two-token prompt, then one token a step, each step's caches fed back;
+    # the reference is PyTorch's own cached decoding (DecoderState)
+    state = model.init_state(memory, tokens.shape[1], repeat=beams)
+    mask = model.memory_mask(mem_lengths, memory.shape[1])
+    cache, pieces = _empty_cache(model, rows), [(0, 2)] + [(i, i + 1) for i in range(2, tokens.shape[1])]
+    for start, end in pieces:
+        got, cache = _step(decoder, tokens[:, start:end], cache, enc)
+        ref = model.decode(tokens[:, start:end], memory, mask, state)[0].float().log_softmax(-1)
+        assert _max_diff(got, ref) < TOL
+        assert _max_diff(got, ref_full[:, start:end]) < TOL
+        assert cache[0].shape[3] == end
+
+
+def test_config_json_describes_the_graphs(exported):
+    family, model, out = exported.family, exported.model, exported.out
+    encoder, decoder = exported.encoder, exported.decoder
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "speechformer-onnx" and config["family"] == family
+    assert config["token_ids"] == {"vocab_size": model.config.vocab_size, "blank": model.config.blank_id,
+                                   "bos": model.config.bos_id, "eos": model.config.eos_id}
+    assert config["memory_frame_seconds"] == (0.02 if family == "whisper" else 0.04)
+    assert config["encoder"]["outputs"] == [o.name for o in encoder.get_outputs()]
+    assert config["decoder"]["inputs"] == [i.name for i in decoder.get_inputs()]
+    if family == "transformer":  # the one with a tokenizer: it and its rules travel with the graphs
+        assert (out / "tokenizer.model").is_file()
+        assert config["rules"]["prompt"] == [model.config.bos_id]
+        assert config["rules"]["eos_id"] == model.config.eos_id
+
+
+@pytest.mark.parametrize("exported", ["transformer"], indirect=True)  # one family is enough for the quantiser
+def test_int8_quantisation_shrinks_the_encoder_and_keeps_its_outputs_close(exported, tmp_path):
+    model, out, encoder = exported.model, exported.out, exported.encoder
+    q = tmp_path / ENCODER_FILE
+    shutil.copy(out / ENCODER_FILE, q)
+    quantize_int8(q)
+    assert q.stat().st_size < (out / ENCODER_FILE).stat().st_size
+    wav, lengths = _audio(1.3, 3)
+    names = encoder_outputs(model)
+    ref = _encode(encoder, wav, lengths, names)
+    got = _encode(ort.InferenceSession(str(q), providers=["CPUExecutionProvider"]), wav, lengths, names)
+    assert got["mem_lengths"].tolist() == ref["mem_lengths"].tolist()
+    for name in ("cross_k", "ctc_log_probs"):  # changed, by a fraction of the outputs' size
+        error = np.sqrt(np.mean((got[name] - ref[name]) ** 2) / np.mean(ref[name] ** 2))
+        assert 0 < error < 0.25
+
+
+def test_quantize_without_onnx_format_is_one_error_line(untrained_model, tmp_path, capsys):
+    code = main(["export", "--model", str(untrained_model["model"]), "--out", str(tmp_path / "o"),
+                 "--quantize", "int8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and err[0].startswith("error: --quantize int8:") and "--format onnx" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- the onnxruntime transcriber
+# `import torch` (and torchaudio) fail in this process: the runtime's whole path must do without them
+NO_TORCH = ("import sys; sys.modules['torch'] = sys.modules['torchaudio'] = None; "
+            "from speechformer.onnx_runtime import main; sys.exit(main())")
+
+
+@pytest.mark.parametrize("exported", ["transformer"], indirect=True)  # the family with a tokenizer
+def test_onnx_transcriber_without_torch_gives_pytorch_greedy_text(exported, tmp_path):
+    import soundfile as sf
+
+    from speechformer.transcribe import Transcriber
+
+    files = []
+    # 0.04 s: fewer feature frames than the subsampler's receptive field (the runtime pads the samples)
+    for i, (seconds, seed) in enumerate([(0.7, 3), (1.6, 4), (0.04, 6), (1.1, 5)]):
+        wav, _ = _audio(seconds, 1, seed)
+        files.append(tmp_path / f"{i}.wav")
+        sf.write(files[-1], wav[0].numpy(), 16000, subtype="FLOAT")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, "--model", str(exported.out), *map(str, files)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    texts = run.stdout.splitlines()
+    expected = [r.text for r in Transcriber(load_model(exported.folder), "cpu").transcribe(files)]
+    assert texts == expected
+    assert len(texts) == len(files) and any(texts)  # text, not empty lines
+    blocked = subprocess.run([sys.executable, "-c", NO_TORCH.replace("from speechformer.onnx_runtime import main; "
+                                                                     "sys.exit(main())", "import torch")],
+                             capture_output=True, text=True, env=env)
+    assert blocked.returncode != 0 and "import of torch halted" in blocked.stderr  # the block holds
