@@ -548,7 +548,7 @@ def cmd_lm_perplexity(args: argparse.Namespace) -> int:
     lm = load_lm(args.lm)
     sentences = read_sentences(args.text, lm.tokenizer, lm.model.config.max_positions - 1)
     print(f"{args.text}: perplexity {perplexity(lm.model, sentences):.3f} per piece "
-          f"({len(sentences)} sentences, {sum(map(len, sentences)) + len(sentences)} pieces with the ends)")
+          f"({len(sentences)} sentences, {sentences.num_pieces() + len(sentences)} pieces with the ends)")
     return 0
 
 

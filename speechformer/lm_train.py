@@ -14,9 +14,11 @@ import gzip
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from array import array
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -37,19 +39,40 @@ def text_lines(path: str | Path, flag: str = "--text") -> Iterator[tuple[int, st
     opener = gzip.open if path.suffix == ".gz" else open
     number = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                yield number, line
+        with opener(path, "rb") as handle:  # bytes, decoded line by line: an error names its line
+            for number, raw in enumerate(handle, 1):
+                yield number, raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}:{number + 1}", f"not UTF-8 text ({err.reason})",
+        raise UserError(f"{path}:{number}", f"not UTF-8 text ({err.reason} at byte {err.start} of the line)",
                         "convert the file to UTF-8 (iconv -t utf-8)") from err
     except (gzip.BadGzipFile, EOFError) as err:
         raise UserError(path, f"not a readable gzip file ({err})", "compress it again, or give the plain text") from err
 
 
-def read_sentences(path: str | Path, tokenizer: Tokenizer, max_pieces: int, flag: str = "--text") -> list[list[int]]:
+class Sentences(Sequence[list[int]]):
+    """Sentences of pieces stored flat (4 bytes a piece and 8 an offset, not a Python list each):
+    LibriSpeech's 40 million LM sentences fit in a few GB. ``sentences[i]`` is a list of ids."""
+
+    def __init__(self) -> None:
+        self.pieces, self.offsets = array("i"), array("q", [0])
+
+    def append(self, ids: list[int]) -> None:
+        self.pieces.extend(ids)
+        self.offsets.append(len(self.pieces))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[int]:  # type: ignore[override]
+        return self.pieces[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    def num_pieces(self) -> int:
+        return len(self.pieces)
+
+
+def read_sentences(path: str | Path, tokenizer: Tokenizer, max_pieces: int, flag: str = "--text") -> Sentences:
     """The pieces of every non-empty line; lines longer than ``max_pieces`` are left out (and counted)."""
-    sentences, too_long = [], 0
+    sentences, too_long = Sentences(), 0
     for _, line in text_lines(path, flag):
         pieces = tokenizer.encode(line)
         if not pieces:
@@ -134,7 +157,7 @@ class LMTraining:
     progress: bool = True
 
 
-def _loader(sentences: list[list[int]], config: LMConfig, batch_size: int, shuffle: bool, seed: int
+def _loader(sentences: Sentences, config: LMConfig, batch_size: int, shuffle: bool, seed: int
             ) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return torch.utils.data.DataLoader(sentences, batch_size=batch_size, shuffle=shuffle, generator=generator,
@@ -148,13 +171,15 @@ def train_lm(text: str | Path, tokenizer_dir: str | Path, out: str | Path, confi
     tokenizer = sentencepiece_tokenizer(tokenizer_dir)
     config.vocab_size = tokenizer.vocab_size
     train = read_sentences(text, tokenizer, config.max_positions - 1)
-    valid = read_sentences(valid_text, tokenizer, config.max_positions - 1, "--valid-text") if valid_text else []
+    valid = read_sentences(valid_text, tokenizer, config.max_positions - 1, "--valid-text") if valid_text else None
     L.seed_everything(training.seed, verbose=False)
     model = LanguageModel(config)
     steps_per_epoch = math.ceil(len(train) / training.batch_size)
     total = training.max_steps if training.max_steps > 0 else steps_per_epoch * training.max_epochs
     module = LMModule(model, training.lr, training.weight_decay, training.warmup_steps, total)
     quiet_lightning_notices()
+    if not valid:  # LMModule has a validation_step; without --valid-text it simply does not run
+        warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
     trainer = L.Trainer(max_epochs=training.max_epochs if training.max_steps <= 0 else -1,
                         max_steps=training.max_steps, accelerator=training.accelerator, devices=1,
                         precision=training.precision, logger=False, enable_checkpointing=False,
@@ -163,7 +188,7 @@ def train_lm(text: str | Path, tokenizer_dir: str | Path, out: str | Path, confi
     trainer.fit(module, _loader(train, config, training.batch_size, True, training.seed),
                 _loader(valid, config, training.batch_size, False, 0) if valid else None)
     model = module.model.cpu().eval()
-    summary = {"train_text": str(text), "train_sentences": len(train), "train_pieces": sum(map(len, train)),
+    summary = {"train_text": str(text), "train_sentences": len(train), "train_pieces": train.num_pieces(),
                "steps": trainer.global_step, "epochs": round(trainer.global_step / steps_per_epoch, 2),
                "valid_text": str(valid_text) if valid_text else None,
                "valid_perplexity": round(perplexity(model, valid), 4) if valid else None,
