@@ -90,7 +90,11 @@ class LMConfig:
         if unknown:
             raise ValueError(f"lm config: unknown keys {unknown}")
         kinds = {"int": int, "float": float, "str": str}
-        return cls(**{k: _checked_value(k, kinds[hints[k]], v) for k, v in data.items()})
+        try:
+            checked = {k: _checked_value(k, kinds[hints[k]], v) for k, v in data.items()}
+        except ValueError as err:  # the acoustic model's checker names its own config
+            raise ValueError(str(err).replace("model config:", "lm config:", 1)) from None
+        return cls(**checked)
 
 
 class LanguageModel(nn.Module):
@@ -234,7 +238,7 @@ def export_lm(model: LanguageModel, tokenizer: Tokenizer, out_dir: str | Path, *
 
 def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LMBundle:
     """An LM folder written by :func:`export_lm`; whatever is wrong with it is one line naming the file."""
-    from .transcribe import CONFIG_FILE, WEIGHTS_FILE, _read_config_json, _read_safetensors, _tokenizer, load_weights
+    from .transcribe import CONFIG_FILE, WEIGHTS_FILE, _read_safetensors, _tokenizer, load_weights
 
     folder = Path(path)
     if not folder.is_dir():
@@ -242,7 +246,7 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LMBundle:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise UserError(folder, f"no {CONFIG_FILE}", "give a folder written by `speechformer lm train`")
-    meta = _read_config_json(cfg_path, section="lm", redo=RETRAIN)
+    meta = _lm_settings(cfg_path, folder)
     try:
         config = LMConfig.from_dict(meta["lm"])
         model = LanguageModel(config)
@@ -256,6 +260,21 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LMBundle:
         raise UserError(folder, f"its tokenizer has {tokenizer.vocab_size} pieces, its model {config.vocab_size}",
                         RETRAIN)
     return LMBundle(model.to(device).eval(), tokenizer, meta)
+
+
+def _lm_settings(cfg_path: Path, folder: Path) -> dict[str, Any]:
+    """config.json with its "lm" object; an acoustic model's folder (a "model" object) is named as such."""
+    from .transcribe import _read_config_json
+
+    try:
+        return _read_config_json(cfg_path, section="lm", redo=RETRAIN)
+    except UserError as err:
+        try:
+            _read_config_json(cfg_path, section="model")
+        except UserError:
+            raise err from None
+        raise UserError(f"--lm {folder}", "an acoustic model's folder, not a language model",
+                        "give a folder written by `speechformer lm train`") from None
 
 
 def check_tokenizer_matches(lm: LMBundle, tokenizer: Any, lm_path: object, model_path: object) -> None:

@@ -183,6 +183,11 @@ def test_lm_command_errors_are_one_line_naming_the_file(grammar_lm, untrained_mo
     damaged = tmp_path / "damaged_lm"
     shutil.copytree(grammar_lm["lm"], damaged)
     (damaged / "model.safetensors").write_bytes(b"not weights")
+    wrong_type = tmp_path / "wrong_type_lm"
+    shutil.copytree(grammar_lm["lm"], wrong_type)
+    config = json.loads((wrong_type / "config.json").read_text())
+    config["lm"]["n_layers"] = "2"
+    (wrong_type / "config.json").write_text(json.dumps(config))
     cases = [
         (["lm", "train", "--text", str(tmp_path / "missing.txt"), "--tokenizer", tok, "--out", str(tmp_path / "o")],
          "missing.txt: not found"),
@@ -190,8 +195,10 @@ def test_lm_command_errors_are_one_line_naming_the_file(grammar_lm, untrained_mo
          "latin1.txt:2: not UTF-8 text"),
         (["lm", "train", "--text", str(bad_gzip), "--tokenizer", tok, "--out", str(tmp_path / "o")],
          "broken.txt.gz: not a readable gzip file"),
-        (["lm", "complete", "--lm", str(untrained_model["model"]), "the"], 'config.json: no "lm" settings'),
+        (["lm", "complete", "--lm", str(untrained_model["model"]), "the"], "an acoustic model's folder"),
         (["lm", "complete", "--lm", str(damaged), "the"], "model.safetensors: not a readable safetensors file"),
+        (["lm", "complete", "--lm", str(wrong_type), "the"], "config.json: lm config: n_layers must be a whole number"),
+        (["lm", "complete", "--lm", str(tmp_path / "nowhere"), "the"], "nowhere: no such folder"),
         (["lm", "perplexity", "--lm", str(grammar_lm["lm"]), "--text", str(tmp_path)], "not a file"),
     ]
     for argv, expected in cases:
