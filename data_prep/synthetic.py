@@ -51,6 +51,8 @@ Usage::
 
     python data_prep/synthetic.py --out DIR [--num-train 3000] [--num-valid 200]
         [--num-test 200] [--seed 0] [--jobs 2] [--force]
+    python data_prep/synthetic.py --out DIR [same --num-* --seed] --lm-text lm.txt.gz
+        [--lm-sentences 20000]     # text for a language model (no audio; see lm_sentences)
 
 Backends: the ``espeakng_loader`` library through ctypes (preferred), else the
 ``espeak-ng`` program (Debian package ``espeak-ng``), whose 1.51 build speaks the
@@ -63,6 +65,7 @@ import _ctypes
 import argparse
 import ctypes
 import dataclasses
+import gzip
 import json
 import os
 import random
@@ -663,6 +666,46 @@ def split_sentences(
         "valid": pool[num_test : num_test + num_valid],
         "train": pool[num_test + num_valid :],
     }
+
+
+def held_out_sentences(
+    seed: int, num_train: int, num_valid: int, num_test: int, corpus_dir: Path | None = None
+) -> set[str]:
+    """The valid and test transcripts of the corpus these settings make, and those of the
+    manifests in ``corpus_dir`` if it holds any (the corpus actually on disk)."""
+    splits = split_sentences(seed, num_train, num_valid, num_test)
+    held = {text for split in ("valid", "test") for text, _ in splits[split]}
+    for split in ("valid", "test"):
+        manifest = corpus_dir / f"{split}.jsonl" if corpus_dir is not None else None
+        if manifest is not None and manifest.is_file():
+            held |= {json.loads(line)["text"] for line in manifest.read_text().splitlines() if line.strip()}
+    return held
+
+
+def lm_sentences(count: int, seed: int, held_out: set[str]) -> list[str]:
+    """``count`` sentences of the grammar for a language model, none of them in ``held_out``.
+
+    Drawn from a generator of their own (``SentenceGenerator(f"lm-{seed}")``), so they are new
+    sentences, not the corpus's training transcripts again, with the grammar's frequencies
+    (repeats allowed, as in real text); a valid or test sentence is never written: an LM that
+    had read the test sentences would make the test WER with fusion meaningless.
+    """
+    generator = SentenceGenerator(f"lm-{seed}")  # type: ignore[arg-type]  # any str seeds the rng
+    sentences: list[str] = []
+    while len(sentences) < count:
+        text, _ = generator.next()
+        if text not in held_out:
+            sentences.append(text)
+    return sentences
+
+
+def write_lm_text(path: Path, sentences: Sequence[str]) -> None:
+    """One sentence a line, gzip-compressed if ``path`` ends in ``.gz``; written atomically."""
+    data = "".join(f"{s}\n" for s in sentences).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------
@@ -1332,15 +1375,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--force", action="store_true", help="regenerate even if the stamp says up to date"
     )
     parser.add_argument(
+        "--lm-text",
+        type=Path,
+        default=None,
+        help="instead of the corpus: write --lm-sentences grammar sentences for a language model "
+        "to this file (.txt or .txt.gz), none of them a valid or test sentence of the corpus "
+        "these settings make (or of the manifests in --out)",
+    )
+    parser.add_argument("--lm-sentences", type=int, default=20000)
+    parser.add_argument(
         "--backend",
         choices=("library", "command"),
         default=None,
         help="espeakng_loader library or espeak-ng program (default: library if installed)",
     )
     args = parser.parse_args(argv)
-    for name in ("num_train", "num_valid", "num_test"):
+    for name in ("num_train", "num_valid", "num_test", "lm_sentences"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.lm_text is not None:
+        held = held_out_sentences(args.seed, args.num_train, args.num_valid, args.num_test, Path(args.out))
+        write_lm_text(args.lm_text, lm_sentences(args.lm_sentences, args.seed, held))
+        print(f"synthetic LM text: {args.lm_sentences} sentences (none of the {len(held)} valid/test "
+              f"sentences) -> {args.lm_text}")
+        return 0
     try:
         summary = generate_corpus(
             args.out,

@@ -533,6 +533,84 @@ def add_inspection_commands(sub: argparse._SubParsersAction) -> None:
     pl.set_defaults(func=cmd_plot)
 
 
+# ---------------------------------------------------------------------------- lm
+def cmd_lm_train(args: argparse.Namespace) -> int:
+    from .lm import LMConfig
+    from .lm_train import LMTraining, train_lm
+    from .outputs import prepare_output_dir
+
+    prepare_output_dir(args.out, [args.text, args.tokenizer] + [args.valid_text] * bool(args.valid_text), flag="--out")
+    config = LMConfig(d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff, n_layers=args.n_layers,
+                      dropout=args.dropout, max_positions=args.max_positions)
+    training = LMTraining(max_epochs=args.max_epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                          lr=args.lr, warmup_steps=args.warmup_steps, accelerator=args.accelerator,
+                          precision=args.precision, seed=args.seed, progress=not args.quiet and sys.stderr.isatty())
+    summary = train_lm(args.text, args.tokenizer, args.out, config, training, args.valid_text)
+    ppl = summary["valid_perplexity"]
+    print(f"lm train: {summary['train_sentences']} sentences, {summary['steps']} steps in "
+          f"{summary['train_seconds']:.0f} s" + (f", valid perplexity {ppl:.3f}" if ppl is not None else "")
+          + f" -> {args.out}")
+    return 0
+
+
+def cmd_lm_complete(args: argparse.Namespace) -> int:
+    from .lm import complete, load_lm
+
+    lm = load_lm(args.lm)
+    tokens = complete(lm.model, lm.tokenizer.encode(args.prompt), args.max_pieces)
+    print(lm.tokenizer.decode(tokens))
+    return 0
+
+
+def cmd_lm_perplexity(args: argparse.Namespace) -> int:
+    from .lm import load_lm, perplexity
+    from .lm_train import read_sentences
+
+    lm = load_lm(args.lm)
+    sentences = read_sentences(args.text, lm.tokenizer, lm.model.config.max_positions - 1)
+    print(f"{args.text}: perplexity {perplexity(lm.model, sentences):.3f} per piece "
+          f"({len(sentences)} sentences, {sentences.num_pieces() + len(sentences)} pieces with the ends)")
+    return 0
+
+
+def add_lm_commands(sub: argparse._SubParsersAction) -> None:
+    """``lm train|complete|perplexity``: the language model (the decoder stack alone, speechformer/lm.py)."""
+    lm = sub.add_parser("lm", help="a language model over a tokenizer's pieces: train, complete a prompt, "
+                        "perplexity")
+    lm_sub = lm.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
+    t = lm_sub.add_parser("train", help="train a language model on text (one sentence a line) with Lightning")
+    t.add_argument("--text", required=True, help="training text, one sentence a line (.txt or .txt.gz)")
+    t.add_argument("--tokenizer", required=True, help="tokenizer folder (the acoustic model's, e.g. EXP/tokenizer)")
+    t.add_argument("--out", required=True, help="LM folder to write (config.json, model.safetensors, "
+                   "tokenizer.model)")
+    t.add_argument("--valid-text", default=None, help="held-out text: its perplexity after every epoch")
+    t.add_argument("--max-epochs", type=int, default=10, help="passes over the text")
+    t.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps instead (> 0)")
+    t.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warmup then cosine)")
+    t.add_argument("--warmup-steps", type=int, default=200, help="steps of linear warmup")
+    t.add_argument("--d-model", type=int, default=256, help="width of the layers")
+    t.add_argument("--n-heads", type=int, default=4, help="attention heads")
+    t.add_argument("--d-ff", type=int, default=1024, help="feed-forward width")
+    t.add_argument("--n-layers", type=int, default=4, help="decoder layers (causal self-attention + feed-forward)")
+    t.add_argument("--dropout", type=float, default=0.1, help="dropout on embeddings and block outputs")
+    t.add_argument("--max-positions", type=int, default=256, help="longest sentence in pieces, <s> included")
+    t.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    t.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, ...")
+    t.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, dropout)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_lm_train)
+    c = lm_sub.add_parser("complete", help="continue a prompt with the likeliest piece, step by step (greedy)")
+    c.add_argument("--lm", required=True, help="LM folder written by `speechformer lm train`")
+    c.add_argument("prompt", help="the start of a sentence")
+    c.add_argument("--max-pieces", type=int, default=50, help="pieces to add at most")
+    c.set_defaults(func=cmd_lm_complete)
+    p = lm_sub.add_parser("perplexity", help="perplexity per piece of a text (one sentence a line)")
+    p.add_argument("--lm", required=True, help="LM folder written by `speechformer lm train`")
+    p.add_argument("--text", required=True, help="text, one sentence a line (.txt or .txt.gz)")
+    p.set_defaults(func=cmd_lm_perplexity)
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = HelpParser(prog="speechformer", description=DESCRIPTION)
@@ -650,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "manifest's file name)")
     ev.set_defaults(func=cmd_evaluate)
     add_inspection_commands(sub)
+    add_lm_commands(sub)
 
     from .prepare.cli import add_commands as add_prepare_commands  # prepare CORPUS, compute-stats
 
@@ -658,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    for flag in ("beam_size", "vocab_size", "num", "limit", "flush_every", "top_k"):
+    for flag in ("beam_size", "vocab_size", "num", "limit", "flush_every", "top_k", "max_epochs", "batch_size",
+                 "max_pieces"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')}", f"must be at least 1, got {value}",
@@ -673,7 +753,7 @@ def lightning_command(name: str) -> Command:
 
 def command_of(args: argparse.Namespace) -> Command:
     """``tokenizer train``, ``data validate``, ``prepare kaldi``: the command as typed."""
-    parts = [args.command] + [getattr(args, k) for k in ("tokenizer_command", "data_command", "corpus")
+    parts = [args.command] + [getattr(args, k) for k in ("tokenizer_command", "data_command", "lm_command", "corpus")
                               if getattr(args, k, None)]
     return Command(" ".join(parts))
 

@@ -121,6 +121,34 @@ def _refuse_resume_of_separate_projections(checkpoint: dict[str, Any]) -> None:
                          "that wrote it, or start a new run from its weights with --model.init_from CKPT")
 
 
+def adamw_warmup_cosine(named_parameters: Any, lr: float, weight_decay: float, betas: tuple[float, float],
+                        warmup_steps: int, total_steps: int, min_lr_ratio: float, clipping: bool) -> dict[str, Any]:
+    """AdamW (no weight decay on biases, norms and embeddings) with a linear warmup, then a
+    cosine decay to ``min_lr_ratio`` of the peak: what ``configure_optimizers`` returns, for the
+    acoustic model and the language model alike."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
+    # fused: one kernel per parameter group instead of a dozen per tensor (CPU and CUDA);
+    # Lightning cannot clip the gradients of a fused optimiser under mixed precision, so
+    # with gradient clipping the (foreach) default is kept
+    fused = not clipping and all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, fused=fused)
+    warmup = min(warmup_steps, max(1, total_steps // 2))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class SpeechModule(L.LightningModule):
     """Trains a :class:`SpeechTransformer` with label-smoothed CE + weighted CTC."""
 
@@ -377,32 +405,9 @@ class SpeechModule(L.LightningModule):
 
     # ----------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
-        # fused: one kernel per parameter group instead of a dozen per tensor (CPU and CUDA);
-        # Lightning cannot clip the gradients of a fused optimiser under mixed precision, so
-        # with gradient clipping the (foreach) default is kept
         clipping = bool(self.trainer is not None and self.trainer.gradient_clip_val)
-        fused = not clipping and all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
-                                fused=fused)
-        total = self._total_steps()
-        warmup = min(self.warmup_steps, max(1, total // 2))
-        floor = self.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.model.named_parameters(), self.lr, self.weight_decay, self.betas,
+                                   self.warmup_steps, self._total_steps(), self.min_lr_ratio, clipping)
 
     def _total_steps(self) -> int:
         """Optimiser steps of the whole run, for the learning-rate schedule.

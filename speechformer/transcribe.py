@@ -117,16 +117,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBun
     return bundle
 
 
-def _read_config_json(cfg_path: Path) -> dict[str, Any]:
+def _read_config_json(cfg_path: Path, section: str = "model", redo: str = REEXPORT) -> dict[str, Any]:
+    """A model folder's config.json, which must hold a ``section`` object ("lm" for a language model)."""
     try:
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise UserError(cfg_path, f"not UTF-8 text ({err.reason} at byte {err.start})", REEXPORT) from err
+        raise UserError(cfg_path, f"not UTF-8 text ({err.reason} at byte {err.start})", redo) from err
     except json.JSONDecodeError as err:
         raise UserError(cfg_path, f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})",
-                        f"fix the file or {REEXPORT}") from err
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise UserError(cfg_path, 'no "model" settings (a JSON object)', REEXPORT)
+                        f"fix the file or {redo}") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get(section), dict):
+        raise UserError(cfg_path, f'no "{section}" settings (a JSON object)', redo)
     return meta
 
 

@@ -151,6 +151,36 @@ def test_synthetic_recipe_trains_without_feature_stats_and_scores_with_the_chose
     assert "WER of exp/x/model (joint, beam 4)" in proc.stdout and "| test | 1.00 |" in proc.stdout
 
 
+@pytest.mark.parametrize(("recipe", "options", "text"), [
+    ("synthetic", [], "data/synthetic/lm/train.txt.gz"),
+    ("librispeech", ["--lm-text", "/corpora/librispeech-lm-norm.txt.gz"], "/corpora/librispeech-lm-norm.txt.gz"),
+])
+def test_lm_stage_is_off_by_default_and_trains_on_the_recipes_tokenizer_with_held_out_transcripts(
+        recipes, recipe, options, text):
+    copy, _ = recipes
+    data = copy / recipe / ("data/synthetic" if recipe == "synthetic" else "data")
+    data.mkdir(parents=True)
+    valid = data / ("valid.jsonl" if recipe == "synthetic" else "dev.jsonl")
+    valid.write_text('{"id": "a", "text": "the cat sat"}\n{"id": "b", "text": "a dog ran"}\n')
+    proc, calls = run(recipes, recipe, "--stage", "6", *options)
+    assert proc.returncode == 0 and calls == [], proc.stderr  # without --lm true: nothing
+    proc, calls = run(recipes, recipe, "--stage", "6", "--lm", "true", *options)
+    assert proc.returncode == 0, proc.stderr
+    if recipe == "synthetic":  # the text comes from the grammar, held out from the same corpus settings
+        assert calls[0][0] == "python" and option(calls[0], "--lm-text") == text
+        assert option(calls[0], "--num-train") == "8000" and option(calls[0], "--out") == "data/synthetic"
+        calls = calls[1:]
+    train, ppl = calls
+    assert train[1:3] == ["lm", "train"] and ppl[1:3] == ["lm", "perplexity"]
+    assert option(train, "--text") == text and option(train, "--tokenizer").endswith("/tokenizer")
+    assert option(train, "--out") == option(ppl, "--lm") == option(train, "--tokenizer").replace("tokenizer", "lm")
+    held_out = copy / recipe / option(train, "--valid-text")
+    assert option(ppl, "--text") == option(train, "--valid-text") and held_out.read_text() == "the cat sat\na dog ran\n"
+    if recipe == "librispeech":
+        proc, calls = run(recipes, recipe, "--stage", "6", "--lm", "true")
+        assert proc.returncode == 2 and "stage 6 needs --lm-text" in proc.stderr and calls == []
+
+
 def test_whisper_recipe_scores_the_pretrained_and_the_finetuned_model_on_the_same_sentences(recipes):
     copy, _ = recipes
     (copy / "whisper_finetune" / "all.jsonl").write_text("{}\n")

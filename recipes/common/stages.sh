@@ -13,6 +13,7 @@
 #   jobs                worker processes (stage_stats)
 #   num_average         checkpoints to average (stage_average_export)
 #   beam_size           beam width (stage_evaluate)
+#   exp/tokenizer       is also the language model's (stage_lm writes $exp/lm)
 #
 # The variables above are set by the recipe:
 # shellcheck shell=bash disable=SC2154
@@ -68,6 +69,18 @@ stage_average_export() {
 stage_evaluate() {
   speechformer evaluate --model "$1" --manifest "$2" --beam-size "$beam_size" "${@:4}" \
     --out "$exp/eval_$3" --name "$3" --quiet > "$exp/eval_$3.log"
+}
+
+# manifest_text MANIFEST: its transcripts, one a line (held-out text for the language model)
+manifest_text() {
+  python -c 'import json, sys; print("".join(json.loads(l)["text"] + "\n" for l in open(sys.argv[1]) if l.strip()), end="")' "$1"
+}
+
+# stage_lm TEXT VALID_TEXT [more lm train options]: a language model over $exp/tokenizer's pieces
+# trained on TEXT -> $exp/lm, and its perplexity on VALID_TEXT
+stage_lm() {
+  speechformer lm train --text "$1" --valid-text "$2" --tokenizer "$exp/tokenizer" --out "$exp/lm" --quiet "${@:3}"
+  speechformer lm perplexity --lm "$exp/lm" --text "$2"
 }
 
 # print_wer_table TITLE NAME...: one table of the stage_evaluate results NAME..., and the

@@ -5,6 +5,7 @@
 #   bash run.sh --corpus /data/corpora --download        # fetch the subsets first (about 60 GB for 960 h)
 #   bash run.sh --corpus /data/corpora --config conf/conformer_960h.yaml --train-set train-960 --vocab-size 5000
 #   bash run.sh --stage 3 --stop-stage 3                 # only training (re-running resumes from last.ckpt)
+#   bash run.sh --stage 6 --lm true --lm-text /data/librispeech-lm-norm.txt.gz   # the language model
 #
 # --corpus is the folder that holds LibriSpeech/ (as the OpenSLR archives unpack). Every stage is
 # one command a user could type; this script only strings them together. See README.md for the
@@ -26,6 +27,11 @@ stats_utterances=20000     # evenly spaced training utterances for the feature m
 beam_size=10
 num_average=5
 jobs=8
+lm=false                   # stage 6 (off by default): a language model on the corpus's normalised LM text
+lm_text=""                 # librispeech-lm-norm.txt.gz (OpenSLR 11, 800 M words; not downloaded here)
+# 40 M sentences: 100k steps of 256 sentences is ~0.6 of an epoch; d 512 x 8 layers, sized for 1 GPU (bf16)
+lm_options=(--d-model 512 --n-heads 8 --d-ff 2048 --n-layers 8 --dropout 0.1 --max-positions 512
+            --batch-size 256 --max-steps 100000 --lr 1e-3 --warmup-steps 4000 --precision bf16-mixed)
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -37,6 +43,8 @@ while [[ $# -gt 0 ]]; do
     --beam-size) beam_size=$2; shift 2 ;;
     --num-average) num_average=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
+    --lm) lm=$2; shift 2 ;;
+    --lm-text) lm_text=$2; shift 2 ;;
     *) common_option "$@"; shift 2 ;;   # --stage, --stop-stage, --help
   esac
 done
@@ -60,3 +68,11 @@ fi
 
 # shellcheck disable=SC2086  # one name per test set
 corpus_stages "$data/$train_set.jsonl" "$data/dev.jsonl" $test_sets
+
+if [[ $lm == true ]] && run_stage 6; then
+  [[ -n $lm_text ]] || { echo "run.sh: stage 6 needs --lm-text FILE (librispeech-lm-norm.txt.gz)" >&2; exit 2; }
+  log "stage 6: language model on $lm_text -> $exp/lm"
+  mkdir -p "$exp"
+  manifest_text "$data/dev.jsonl" > "$exp/lm_valid.txt"   # the dev transcripts: held-out text
+  stage_lm "$lm_text" "$exp/lm_valid.txt" "${lm_options[@]}"
+fi

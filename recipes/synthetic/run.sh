@@ -6,6 +6,7 @@
 #   bash run.sh --stage 2 --stop-stage 2   # only training (re-running resumes from last.ckpt)
 #   bash run.sh --stage 1 --config conf/transformer.yaml --exp exp/transformer   # the transformer encoder
 #   bash run.sh --stage 4 --decoder attention                       # re-score with the decoder alone
+#   bash run.sh --stage 6 --lm true  # a language model on grammar text (never a valid/test sentence)
 #
 # Every stage is one command a user could type; this script only strings them together.
 set -euo pipefail
@@ -23,6 +24,9 @@ vocab_size=256
 beam_size=4
 decoder=joint            # stage 4: joint (CTC/attention) | attention | ctc (greedy)
 ctc_weight=0.1           # joint decoding's CTC share, chosen on the validation set (README.md)
+lm=false                 # stage 6 (off by default): a language model on grammar text, see README.md
+lm_sentences=20000       # its training text: sentences of the grammar, none of them a valid or test sentence
+lm_options=(--d-model 128 --d-ff 512 --n-layers 3 --max-epochs 4 --lr 2e-3 --warmup-steps 100)
 num_average=1            # averaging the best 2 or 3 epochs did not help (README.md)
 
 while [[ $# -gt 0 ]]; do
@@ -33,6 +37,7 @@ while [[ $# -gt 0 ]]; do
     --beam-size) beam_size=$2; shift 2 ;;
     --decoder) decoder=$2; shift 2 ;;
     --ctc-weight) ctc_weight=$2; shift 2 ;;
+    --lm) lm=$2; shift 2 ;;
     *) common_option "$@"; shift 2 ;;   # --stage, --stop-stage, --help
   esac
 done
@@ -69,6 +74,15 @@ if run_stage 5; then
   log "stage 5: transcribe a sample"
   mapfile -t sample < <(head -n 3 "$data/test.jsonl" | python -c 'import sys, json; print("\n".join(json.loads(l)["audio"] for l in sys.stdin))')
   (cd "$data" && speechformer transcribe --model "$OLDPWD/$exp/model" --format tsv --quiet "${sample[@]}")
+fi
+
+if [[ $lm == true ]] && run_stage 6; then
+  log "stage 6: language model on $lm_sentences grammar sentences -> $exp/lm"
+  python ../../data_prep/synthetic.py --out "$data" --num-train "$num_train" --num-valid 200 --num-test 200 \
+    --lm-text "$data/lm/train.txt.gz" --lm-sentences "$lm_sentences"
+  mkdir -p "$data/lm"
+  manifest_text "$data/valid.jsonl" > "$data/lm/valid.txt"
+  stage_lm "$data/lm/train.txt.gz" "$data/lm/valid.txt" "${lm_options[@]}"
 fi
 
 if run_stage 4; then

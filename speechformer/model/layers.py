@@ -259,15 +259,20 @@ class ConformerLayer(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Masked self-attention over the tokens so far, cross-attention into the encoder
-    memory, then feed-forward; each with skip + pre-LayerNorm."""
+    memory, then feed-forward; each with skip + pre-LayerNorm.
+
+    ``cross_attention=False`` leaves the middle block out: the layer of a language model
+    (:mod:`speechformer.lm`), the decoder stack alone, which reads no memory."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
-                 activation: str, key_bias: bool, eps: float, activation_dropout: float = 0.0) -> None:
+                 activation: str, key_bias: bool, eps: float, activation_dropout: float = 0.0,
+                 cross_attention: bool = True) -> None:
         super().__init__()
         self.self_norm = nn.LayerNorm(d_model, eps=eps)
         self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias)
-        self.cross_norm = nn.LayerNorm(d_model, eps=eps)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias, cross=True)
+        self.cross_norm = nn.LayerNorm(d_model, eps=eps) if cross_attention else None
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, key_bias,
+                                             cross=True) if cross_attention else None
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
         self.dropout = Dropout(dropout)
@@ -282,8 +287,9 @@ class DecoderLayer(nn.Module):
     ) -> Tensor:
         # Causal: position t reads positions <= t (with a cache, the past is in the cache).
         x = x + self.dropout(self.self_attn(self.self_norm(x), is_causal=True, cache=self_cache))
-        x = x + self.dropout(self.cross_attn(
-            self.cross_norm(x), source=memory, mask=memory_mask,
-            cache=cross_cache, static_kv=cross_cache is not None and cross_cache.length > 0,
-        ))
+        if self.cross_attn is not None:
+            x = x + self.dropout(self.cross_attn(
+                self.cross_norm(x), source=memory, mask=memory_mask,
+                cache=cross_cache, static_kv=cross_cache is not None and cross_cache.length > 0,
+            ))
         return x + self.dropout(self.ff(self.ff_norm(x)))
