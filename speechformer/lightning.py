@@ -36,6 +36,7 @@ from .flops import measure_peak_tflops, training_flops
 from .frontend import WHISPER_WINDOW_SECONDS, feature_sums
 from .metrics import score
 from .model import ModelConfig, SpeechTransformer
+from .options import TranscribeOptions, set_fields
 from .text import normalize_text
 from .tokenizer import load_tokenizer
 
@@ -120,6 +121,11 @@ def _refuse_resume_of_separate_projections(checkpoint: dict[str, Any]) -> None:
                          "that wrote it, or start a new run from its weights with --model.init_from CKPT")
 
 
+def _decoding_key(field: str) -> str:
+    """A decoding option as the training config names it."""
+    return f"model.decoding.{field}"
+
+
 class SpeechModule(L.LightningModule):
     """Trains a :class:`SpeechTransformer` with label-smoothed CE + weighted CTC."""
 
@@ -152,6 +158,8 @@ class SpeechModule(L.LightningModule):
                 raise ValueError(f"model.{name} must be at least 0, got {value}")
         if max_bad_steps < 1:
             raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
+        if decoding is not None:  # the values now; what the model can do once it is built
+            TranscribeOptions(decoding).check(name=_decoding_key)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         if init_from:
             from .transcribe import load_model
@@ -198,12 +206,11 @@ class SpeechModule(L.LightningModule):
         """How validation decodes: the settings ``model.decoding`` gives over the model family's
         defaults (:meth:`~speechformer.transcribe.ModelBundle.default_options`, as transcribe
         uses them), checked now by the same rules, a refusal naming ``model.decoding.FIELD``."""
-        from .options import set_fields
         from .transcribe import ModelBundle
 
         bundle = ModelBundle(self.model, self.tokenizer)
         options = bundle.default_options(**(set_fields(decoding) if decoding is not None else {}))
-        options.check(bundle if self.tokenizer is not None else None, name=lambda field: f"model.decoding.{field}")
+        options.check(bundle if self.tokenizer is not None else None, name=_decoding_key)
         return options.decode
 
     # ----------------------------------------------------------------- setup
