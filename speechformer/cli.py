@@ -404,8 +404,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {result.error}", file=sys.stderr)
             return
         if args.output_dir:
-            atomic_write_text(_per_file_output(args, names[result.key]),
-                              subtitle_text(result, args.format) if subtitles else result.text + "\n", rerun=RERUN_RESUME)
+            text = subtitle_text(result, args.format) if subtitles else result.text + "\n"
+            atomic_write_text(_per_file_output(args, names[result.key]), text, rerun=RERUN_RESUME)
         if journal is not None:
             journal.record(result)
 

@@ -41,7 +41,7 @@ from .frontend import WHISPER_WINDOW_SECONDS
 from .model import ModelConfig, SpeechTransformer
 from .options import CHUNK_HEADROOM, WHISPER_GUARDS, Timing, TranscribeOptions, timing_source, tokenizer_for
 from .timestamps import FrameClock, Segment, Word, whisper_segments, word_timestamps
-from .tokenizer import (MODEL_FILE, WHISPER_FILE, WHISPER_TIME_PRECISION, AnyTokenizer, WhisperTokenizer,
+from .tokenizer import (MODEL_FILE, WHISPER_FILE, WHISPER_TIME_PRECISION, AnyTokenizer,
                         load_tokenizer, tokenizer_from_payload)
 
 CONFIG_FILE = "config.json"
