@@ -67,9 +67,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sf_bench_"))
     model_dir = import_whisper(src, tmp / "tiny_en")
 
-    sf_single = Transcriber(load_model(model_dir), max_batch_size=1, num_threads=args.threads)
-    sf_batched = Transcriber(load_model(model_dir), max_batch_size=16, num_threads=args.threads)
-    sf_bf16 = Transcriber(load_model(model_dir), max_batch_size=16, num_threads=args.threads, precision="bf16")
+    sf_single = Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=1, num_threads=args.threads)
+    sf_batched = Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=16, num_threads=args.threads)
+    sf_bf16 = Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=16, num_threads=args.threads,
+                                          precision="bf16")
 
     # openai-whisper with the same weights (its own classes, loaded from our state dict)
     bundle = load_model(model_dir)

@@ -67,6 +67,12 @@ class AudioError(ValueError):
         super().__init__(f"{self.path}: {reason}; {hint}")
 
 
+class SilentAudio(AudioError):
+    """Audio with nothing but silence in it. A file of it is refused like any unusable one; a
+    silent stretch of a long file read block by block is just a stretch with nothing to say
+    (the transcriber catches this type, not the words of the message)."""
+
+
 def _supported_extensions() -> tuple[str, ...]:
     """File extensions whose container this soundfile build can read.
 
@@ -184,7 +190,7 @@ def check_waveform(wav: torch.Tensor, name: str | os.PathLike[str]) -> torch.Ten
     if peak > 1.0:
         wav = wav.clamp(-1.0, 1.0)
     if peak < SILENCE_THRESHOLD:
-        raise AudioError(name, "contains only silence", "check the recording or remove it from the list")
+        raise SilentAudio(name, "contains only silence", "check the recording or remove it from the list")
     return wav
 
 

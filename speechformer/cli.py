@@ -50,11 +50,25 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class HelpParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` with :class:`HelpFormatter`; its sub-commands' parsers are too."""
+    """An ``ArgumentParser`` with :class:`HelpFormatter`; its sub-commands' parsers are too.
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    ``options="transcribe"`` gives a sub-command the flags of that command's transcription
+    options, made from :class:`~speechformer.options.TranscribeOptions` when the sub-command is
+    parsed (reading the dataclasses imports torch, which ``speechformer --help`` and the other
+    commands do without)."""
+
+    def __init__(self, *args, options: str | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self._options_of = options
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        if self._options_of is not None:
+            from .options import add_option_flags, command_options
+
+            add_option_flags(self, command_options(self._options_of))
+            self._options_of = None
+        return super().parse_known_args(args, namespace)
 
 
 def lightning_main(argv: Sequence[str]) -> None:
@@ -283,74 +297,47 @@ def cmd_import_whisper(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_transcriber(args: argparse.Namespace, **kwargs):  # type: ignore[no-untyped-def]
+def _option_name(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Field -> the flag the user typed: ``--format srt`` asks for times as ``--timestamps`` does."""
+    from .options import flag_name
+    from .outputs import SUBTITLE_FORMATS
+
+    def name(field: str) -> str:
+        typed = getattr(args, "timestamps", False)
+        if field == "timestamps" and getattr(args, "format", None) in SUBTITLE_FORMATS and not typed:
+            return f"--format {args.format}"
+        return flag_name(field)
+
+    return name
+
+
+def _requested_options(args: argparse.Namespace) -> dict:
+    """The options the command line asks for, by field name (the flags typed; a subtitle format
+    asks for times), refused now if any is out of range, before a model is loaded."""
+    from .options import TranscribeOptions, given_options
+    from .outputs import SUBTITLE_FORMATS
+
+    given = given_options(args)
+    if getattr(args, "format", None) in SUBTITLE_FORMATS:
+        given["timestamps"] = True
+    TranscribeOptions().replace(**given).check(name=_option_name(args))
+    return given
+
+
+def _load_transcriber(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The model and the options the flags ask for, checked against each other, as a Transcriber."""
     from .fastpath import flush_denormals
-    from .tokenizer import WhisperTokenizer
-    from .transcribe import Transcriber, load_model, timing_source
+    from .transcribe import Transcriber, load_model
 
     flush_denormals()  # transcribe/evaluate's entry point: process-wide, so here and not in Transcriber
+    given = _requested_options(args)
     bundle = load_model(args.model)
-    if kwargs.get("timestamps"):  # name the option the user typed when the model cannot time its text
-        timing_source(bundle, f"--format {args.format}" if args.format in SUBTITLE_FORMATS else "--timestamps")
-    if args.language or args.task:
-        if not isinstance(bundle.tokenizer, WhisperTokenizer):
-            raise ValueError("--language/--task apply to Whisper models only")
-        _check_english_only(bundle.tokenizer, args)
-        data = bundle.tokenizer.payload() | {k: v for k, v in (("language", args.language), ("task", args.task)) if v}
-        bundle.tokenizer = WhisperTokenizer.from_payload(data)
-    if args.ctc_weight is not None and args.decoder != "joint":
-        raise ValueError(f"--ctc-weight applies to --decoder joint (got --decoder {args.decoder})")
-    return Transcriber(bundle, device=args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
-                       beam_size=args.beam_size, batch_seconds=args.batch_seconds, precision=args.precision,
-                       decoder=args.decoder, ctc_weight=0.3 if args.ctc_weight is None else args.ctc_weight, **kwargs)
+    options = bundle.default_options(**given)
+    options.check(bundle, name=_option_name(args))
+    return Transcriber(bundle, options, args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"))
 
 
-def _check_english_only(tokenizer, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
-    """An English-only Whisper model (tiny.en ...) has no language or task tokens: asking it for
-    another language or a translation would be silently ignored, so it is refused."""
-    if tokenizer.multilingual:
-        return
-    asked = [f"--language {args.language}"] * (args.language not in (None, "en")) + \
-        [f"--task {args.task}"] * (args.task == "translate")
-    if asked:
-        raise ValueError(f"{' '.join(asked)}: {args.model} is an English-only Whisper model (it only transcribes "
-                         "English); use a multilingual model (such as tiny, not tiny.en) or drop the flag")
-
-
-SUBTITLE_FORMATS = ("srt", "vtt")
 RERUN_RESUME = "re-run with --resume"  # a full disk mid-run: the finished files are kept
-
-
-def _subtitles(result, fmt: str) -> str:  # type: ignore[no-untyped-def]
-    """Cues from Whisper's segments (one per segment), or from CTC word times."""
-    from .timestamps import format_srt, format_vtt, segment_cues, words_to_cues
-
-    cues = segment_cues(result.segments, result.duration) if result.segments is not None else \
-        words_to_cues(result.words or [], duration=result.duration)
-    return format_srt(cues) if fmt == "srt" else format_vtt(cues)
-
-
-def _format_results(results: list, fmt: str) -> str:
-    if fmt in SUBTITLE_FORMATS:  # one file (several need --output-dir: checked before transcribing)
-        return "".join(_subtitles(r, fmt) for r in results if r.ok)
-    if fmt == "json":
-        rows = []
-        for r in results:
-            row = {"id": r.key} if r.key != str(r.path) else {}  # a manifest's utterances keep their ids
-            if not r.ok:
-                rows.append(row | {"path": str(r.path), "error": r.error})
-                continue
-            row |= {"path": str(r.path), "text": r.text, "duration": round(r.duration, 3)}
-            if r.words is not None:
-                row["words"] = [w.to_dict() for w in r.words]
-            if r.segments is not None:
-                row["segments"] = [s.to_dict() for s in r.segments]
-            rows.append(row)
-        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
-    if fmt == "tsv":
-        lines = ["path\ttext"] + [f"{r.key}\t{r.text}" for r in results if r.ok]
-        return "\n".join(lines) + "\n"
-    return "".join(f"{r.text}\n" for r in results if r.ok)
 
 
 def _transcribe_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -396,6 +383,8 @@ def _check_transcribe_outputs(args: argparse.Namespace, items, names: dict[str, 
 
 def _per_file_output(args: argparse.Namespace, name: str) -> Path:
     """``--output-dir``'s file for one input: NAME.txt, or NAME.srt / NAME.vtt."""
+    from .outputs import SUBTITLE_FORMATS
+
     ext = args.format if args.format in SUBTITLE_FORMATS else "txt"
     return Path(args.output_dir) / f"{name}.{ext}"
 
@@ -404,7 +393,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe; with --output/--output-dir every finished file is journalled at once, so a
     killed run re-run with --resume only decodes what is missing."""
     from .atomic import atomic_write_text
-    from .outputs import TranscriptJournal, output_names
+    from .outputs import SUBTITLE_FORMATS, TranscriptJournal, format_results, output_names, subtitle_text
 
     items, bad, from_files = _transcribe_items(args)
     subtitles = args.format in SUBTITLE_FORMATS
@@ -426,8 +415,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                   "already done", file=sys.stderr)
     done = journal.done if journal is not None else {}
     todo = [it for it in items if it.key not in done and it.key not in bad]
-    transcriber = _load_transcriber(args, chunk_seconds=args.chunk_seconds,
-                                    timestamps=args.timestamps or subtitles) if todo else None
+    transcriber = _load_transcriber(args) if todo else None
     failed = 0
 
     def finished(result) -> None:  # type: ignore[no-untyped-def]
@@ -437,8 +425,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {result.error}", file=sys.stderr)
             return
         if args.output_dir:
-            atomic_write_text(_per_file_output(args, names[result.key]),
-                              _subtitles(result, args.format) if subtitles else result.text + "\n", rerun=RERUN_RESUME)
+            text = subtitle_text(result, args.format) if subtitles else result.text + "\n"
+            atomic_write_text(_per_file_output(args, names[result.key]), text, rerun=RERUN_RESUME)
         if journal is not None:
             journal.record(result)
 
@@ -449,7 +437,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         window=args.flush_every if journal is not None else 256) if transcriber else [])}
     results = [done.get(it.key) or bad.get(it.key) or fresh[it.key] for it in items]
     if not (subtitles and len(items) > 1):
-        text = _format_results(results, args.format)
+        text = format_results(results, args.format)
         if to_file:
             atomic_write_text(args.output, text, rerun=RERUN_RESUME)
         else:
@@ -491,7 +479,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         from .explain import explain
 
         files = explain(args.model, args.audio, args.out, encoder_layer=args.encoder_layer, top_k=args.top_k,
-                        device=args.device)
+                        device=args.device, **_requested_options(args))
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -517,7 +505,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def add_inspection_commands(sub: argparse._SubParsersAction) -> None:
     """``explain`` and ``plot`` (need the ``plot`` extra: matplotlib)."""
     ex = sub.add_parser("explain", help="one utterance inside the model: spectrogram, attention maps, "
-                        "next-token candidates, index.html")
+                        "next-token candidates, index.html", options="explain")
     ex.add_argument("--model", required=True, help="exported model directory or .ckpt (as transcribe)")
     ex.add_argument("audio", help="one audio file (one utterance)")
     ex.add_argument("--out", required=True, help="folder for the figures, arrays and index.html")
@@ -676,38 +664,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_import_whisper)
 
     def decoding_flags(sp: argparse.ArgumentParser) -> None:
+        """What transcribe and evaluate take besides their options (made from TranscribeOptions)."""
         sp.add_argument("--model", required=True, help="exported model directory or .ckpt")
-        sp.add_argument("--beam-size", type=int, default=1,
-                        help="hypotheses kept per step; 1 is greedy decoding (fastest)")
-        sp.add_argument("--decoder", choices=("attention", "joint", "ctc"), default="attention",
-                        help="attention: the decoder alone (greedy, or beam search with --beam-size); "
-                             "joint: beam search scored by the decoder and CTC prefix scores (--ctc-weight); "
-                             "ctc: the CTC head alone, greedy (fastest, no decoder pass)")
-        sp.add_argument("--ctc-weight", type=float, default=None,
-                        help="--decoder joint: weight of the CTC score, 0 (attention only) to 1 (CTC only) "
-                             "(default: 0.3)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-        sp.add_argument("--batch-seconds", type=float, default=240.0, help="audio seconds per batch (padded)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
-        sp.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="bf16: bfloat16 matmuls (CPUs with AMX/AVX512-BF16, GPUs); about 1.7x faster on "
-                             "such a CPU, transcripts compared in benchmarks/README.md")
-        sp.add_argument("--language", default=None,
-                        help="Whisper multilingual models: language code (default: the one given at import)")
-        sp.add_argument("--task", choices=("transcribe", "translate"), default=None,
-                        help="Whisper multilingual models: transcribe, or translate into English (default: the one "
-                             "given at import)")
 
-    tr = sub.add_parser("transcribe", help="transcribe audio files, folders and globs")
+    tr = sub.add_parser("transcribe", help="transcribe audio files, folders and globs", options="transcribe")
     decoding_flags(tr)
     tr.add_argument("inputs", nargs="*", help="audio files, folders or glob patterns")
     tr.add_argument("--manifest", help="transcribe the utterances (or segments) of a JSONL manifest instead")
     tr.add_argument("--format", choices=("text", "tsv", "json", "srt", "vtt"), default="text",
                     help="srt/vtt: subtitles (implies --timestamps: cues from word times, or one per Whisper "
                          "segment; several files need --output-dir)")
-    tr.add_argument("--timestamps", action="store_true",
-                    help="times in --format json: \"words\" from a CTC forced alignment (models with a CTC head), "
-                         "or \"segments\" from Whisper's own time tokens (Whisper models)")
     tr.add_argument("--output", default="-", help="output file (default: standard output)")
     tr.add_argument("--output-dir", help="also write one NAME.txt (NAME.srt / NAME.vtt) per transcribed file (or "
                          "manifest id) here")
@@ -716,11 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "--output-dir) and only transcribe the rest")
     tr.add_argument("--flush-every", type=int, default=64,
                     help="files decoded together before their transcripts are saved (a kill loses at most these)")
-    tr.add_argument("--chunk-seconds", type=float, default=None,
-                    help="cut longer audio at quiet points (default: the longest training utterance)")
     tr.set_defaults(func=cmd_transcribe)
 
-    ev = sub.add_parser("evaluate", help="transcribe a manifest and score WER/CER with an error report")
+    ev = sub.add_parser("evaluate", help="transcribe a manifest and score WER/CER with an error report",
+                        options="evaluate")
     decoding_flags(ev)
     ev.add_argument("--manifest", required=True, help="JSONL manifest with the reference transcripts")
     ev.add_argument("--out", required=True, help="report folder")
@@ -737,8 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    for flag in ("beam_size", "vocab_size", "num", "limit", "flush_every", "top_k", "max_epochs", "batch_size",
-                 "max_pieces"):
+    for flag in ("vocab_size", "num", "limit", "flush_every", "top_k", "max_epochs", "batch_size", "max_pieces"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')}", f"must be at least 1, got {value}",

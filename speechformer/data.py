@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .audio import load_audio
+from .frontend import WHISPER_WINDOW_SECONDS
 from .tokenizer import AnyTokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -210,7 +211,7 @@ class UtteranceLimits:
         self.config = config
         self.prompt_length = prompt_length
         self.speeds = (min(speeds), max(speeds)) if speeds else (1.0, 1.0)
-        self.whisper = config.frontend == "whisper"
+        self.whisper = config.is_whisper
         self._frontend = WhisperFrontend() if self.whisper else LogMelFrontend(config.sample_rate, config.n_mels)
         self._subsampling_lengths = (partial(Conv2dSubsampling.lengths_after, layers=config.subsampling_layers)
                                      if config.subsampling == "conv2d" else Conv1dSubsampling.output_lengths)
@@ -228,7 +229,7 @@ class UtteranceLimits:
     def longest_seconds(self) -> float:
         """The longest audio (to 10 ms) whose encoder frames fit the position table (Whisper: 30 s)."""
         if self.whisper or self.max_frames is None:
-            return 30.0 if self.whisper else math.inf
+            return WHISPER_WINDOW_SECONDS if self.whisper else math.inf
         lo, hi = 0, 1  # in 10 ms steps; frames grow with the length
         while self.encoder_frames([hi / 100])[0] <= self.max_frames:
             lo, hi = hi, hi * 2
@@ -254,9 +255,9 @@ class UtteranceLimits:
         longest, shortest = utt.duration / self.speeds[0], utt.duration / self.speeds[1]
         perturbed = " (speed-perturbed)" if self.speeds != (1.0, 1.0) else ""
         drop = "set data.max_duration to leave such utterances out of training, or split the utterance"
-        if self.whisper and longest > 30.0:
-            return (f"{longest:.2f} s of audio{perturbed}, longer than the Whisper model's 30 s window; {drop} "
-                    "(data.max_duration: 30)")
+        if self.whisper and longest > WHISPER_WINDOW_SECONDS:
+            return (f"{longest:.2f} s of audio{perturbed}, longer than the Whisper model's "
+                    f"{WHISPER_WINDOW_SECONDS:g} s window; {drop} (data.max_duration: {WHISPER_WINDOW_SECONDS:g})")
         if not self.whisper and self.max_frames is not None and most > self.max_frames:
             limit = self.longest_seconds()
             return (f"{longest:.2f} s of audio{perturbed} is {most} encoder frames, more than the model's "

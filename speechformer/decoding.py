@@ -35,8 +35,12 @@ from .model import SpeechTransformer
 from .tokenizer import DecodeRules
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeOptions:
+    """How to decode: the decoder and its settings. Checked, and filled in for a model family,
+    by :class:`~speechformer.options.TranscribeOptions` (``check``) and
+    ``ModelBundle.default_options`` (Whisper: ``max_len`` half the decoder's positions)."""
+
     beam_size: int = 1
     length_penalty: float = 1.0  # beam score = log p / length ** length_penalty
     max_len_ratio: float = 1.0  # at most this many tokens per encoder frame
@@ -44,26 +48,6 @@ class DecodeOptions:
     decoder: Literal["attention", "joint", "ctc"] = "attention"
     ctc_weight: float = 0.3  # joint: weight of the CTC prefix score (0 = attention only, 1 = CTC only)
     ctc_candidates: int = 0  # joint: tokens per beam given a CTC prefix score (0: 1.5 x beam, all if ctc_weight 1)
-
-    @classmethod
-    def for_model(cls, model: SpeechTransformer, beam_size: int = 1, **kwargs: object) -> "DecodeOptions":
-        """Defaults for a model: Whisper windows get at most half the decoder's positions
-        (openai-whisper's ``sample_len``), so a repetition loop cannot run to 446 tokens."""
-        whisper = model.config.frontend == "whisper"
-        return cls(beam_size=beam_size, max_len=model.config.max_target_positions // 2 if whisper else 0,
-                   **kwargs)  # type: ignore[arg-type]
-
-    def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise ValueError(f"--beam-size must be at least 1, got {self.beam_size}")
-        if self.max_len_ratio <= 0:
-            raise ValueError(f"max_len_ratio must be positive, got {self.max_len_ratio}")
-        if self.decoder not in ("attention", "joint", "ctc"):
-            raise ValueError(f"--decoder must be attention, joint or ctc, got {self.decoder!r}")
-        if not 0.0 <= self.ctc_weight <= 1.0:
-            raise ValueError(f"--ctc-weight must be in [0, 1], got {self.ctc_weight}")
-        if self.decoder == "ctc" and self.beam_size != 1:
-            raise ValueError("--decoder ctc is greedy: drop --beam-size (or use --decoder joint for a beam search)")
 
 
 @dataclass

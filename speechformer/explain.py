@@ -44,9 +44,10 @@ import torch
 from torch import Tensor
 
 from .audio import load_audio
-from .decoding import DecodeOptions, _Suppressor, greedy_decode
+from .decoding import _Suppressor, greedy_decode
 from .model import SpeechTransformer, capture_attention
 from .atomic import atomic_write_text
+from .options import TranscribeOptions, tokenizer_for
 from .transcribe import ModelBundle, load_model
 
 # ---------------------------------------------------------------------------- analysis
@@ -145,13 +146,14 @@ def word_peaks(attention: np.ndarray, words: Sequence[Sequence[int]]) -> np.ndar
 
 
 @torch.inference_mode()
-def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, top_k: int = 5
-                     ) -> Explanation:
-    """Encode one waveform, decode it greedily, and collect what the model looked at."""
+def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, top_k: int = 5,
+                     options: TranscribeOptions | None = None) -> Explanation:
+    """Encode one waveform, decode it greedily (``options.decode``'s length limits, ``options``'
+    language and task; default: the model's), and collect what the model looked at."""
     model: SpeechTransformer = bundle.model.eval()
-    tokenizer = bundle.tokenizer
-    if tokenizer is None:
-        raise ValueError("this model has no tokenizer; import it again with --tokenizer tokenizer.json")
+    options = bundle.default_options() if options is None else options
+    options.check(bundle)
+    tokenizer = tokenizer_for(options, bundle.tokenizer)
     c = model.config
     n_enc_layers = len(model.encoder_layers)
     if not -n_enc_layers <= encoder_layer < n_enc_layers:
@@ -161,7 +163,7 @@ def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, 
     device = next(model.parameters()).device
     wav = wav.to(device)[None]
     lengths = torch.tensor([wav.shape[1]], device=device)
-    whisper = c.frontend == "whisper"
+    whisper = c.is_whisper
 
     with capture_attention([model.encoder_layers[encoder_layer].attn]) as enc_maps:
         memory, mem_lengths = model.encode(wav, lengths)
@@ -176,8 +178,7 @@ def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, 
     spectrogram = spec[0, :n_spec].float().cpu().numpy()
 
     rules = tokenizer.rules()
-    options = DecodeOptions.for_model(model)
-    hyp = greedy_decode(model, memory, mem_lengths, options, rules)[0]
+    hyp = greedy_decode(model, memory, mem_lengths, options.decode, rules)[0]
     out_tokens = hyp.tokens + [rules.eos_id]
     prompt = list(rules.prompt)
     dec_in = torch.tensor([prompt + hyp.tokens], device=device)
@@ -400,19 +401,21 @@ decoding never emits are removed); the chosen token in red. (<a href="candidates
 
 
 def explain(model_path: str | Path, audio: str | Path, out_dir: str | Path, encoder_layer: int = -1,
-            top_k: int = 5, device: str | None = None) -> dict[str, Path]:
-    """The ``speechformer explain`` command: load, analyse one utterance, write ``out_dir``."""
+            top_k: int = 5, device: str | None = None, **overrides: Any) -> dict[str, Path]:
+    """The ``speechformer explain`` command: load, analyse one utterance, write ``out_dir``.
+    ``overrides`` are options by name (``max_len=20``, ``language="de"``) over the model's defaults."""
     from .plot import pyplot
 
     pyplot()  # fail now, not after the model has run, if matplotlib is missing
     bundle = load_model(model_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    options = bundle.default_options(**overrides)
     c = bundle.model.config
     wav = load_audio(audio, c.sample_rate)
     seconds = len(wav) / c.sample_rate
-    limit = 30.0 if c.frontend == "whisper" else 1.25 * bundle.max_input_seconds
+    limit = bundle.window_seconds
     if seconds > limit:
         raise ValueError(f"{audio}: {seconds:.1f} s is longer than one window of this model ({limit:.1f} s); "
                          "explain shows one utterance: cut the file first")
-    exp = explain_waveform(bundle, wav, encoder_layer, top_k)
+    exp = explain_waveform(bundle, wav, encoder_layer, top_k, options)
     exp.meta = {"model": str(model_path), "audio": str(audio)}
     return write_explanation(exp, out_dir, title=Path(audio).name)

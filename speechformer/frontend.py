@@ -19,6 +19,9 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
+#: The audio one Whisper window holds: its frontend pads or cuts to this, its time tokens end here.
+WHISPER_WINDOW_SECONDS = 30.0
+
 
 class LogMelFrontend(nn.Module):
     """[B, samples] waveforms -> [B, frames, n_mels] normalised log-mel frames."""
@@ -103,7 +106,7 @@ class WhisperFrontend(nn.Module):
 
     n_fft = 400
     hop_length = 160
-    chunk_samples = 30 * 16000
+    chunk_samples = int(WHISPER_WINDOW_SECONDS * 16000)
     n_frames = 3000
 
     def __init__(self, n_mels: int = 80, sample_rate: int = 16000) -> None:
@@ -121,7 +124,8 @@ class WhisperFrontend(nn.Module):
 
     def log_mel(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         if wav.shape[1] > self.chunk_samples:
-            raise ValueError(f"Whisper frontend takes at most 30 s per window, got {wav.shape[1] / 16000:.1f} s")
+            raise ValueError(f"Whisper frontend takes at most {WHISPER_WINDOW_SECONDS:g} s per window, "
+                             f"got {wav.shape[1] / 16000:.1f} s")
         with torch.autocast(device_type=wav.device.type, enabled=False):
             wav = wav.float()
             # zero the padding of shorter items, then pad everything to 30 s + half a window

@@ -34,9 +34,10 @@ from .checkpoint import random_state, remove_orphan_temp_files, set_random_state
 from .decoding import DecodeOptions, decode
 from .fastpath import flush_denormals, tune_for_training
 from .flops import measure_peak_tflops, training_flops
-from .frontend import feature_sums
+from .frontend import WHISPER_WINDOW_SECONDS, feature_sums
 from .metrics import score
 from .model import ModelConfig, SpeechTransformer
+from .options import TranscribeOptions, set_fields
 from .text import normalize_text
 from .tokenizer import load_tokenizer
 
@@ -149,13 +150,18 @@ def adamw_warmup_cosine(named_parameters: Any, lr: float, weight_decay: float, b
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def _decoding_key(field: str) -> str:
+    """A decoding option as the training config names it."""
+    return f"model.decoding.{field}"
+
+
 class SpeechModule(L.LightningModule):
     """Trains a :class:`SpeechTransformer` with label-smoothed CE + weighted CTC."""
 
     def __init__(self, model: ModelConfig | None = None, tokenizer: str = "", lr: float = 1e-3,
                  weight_decay: float = 0.01, warmup_steps: int = 500, min_lr_ratio: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.98), stats_utterances: int = 500,
-                 val_beam_size: int = 1, init_from: str = "", freeze_encoder: bool = False,
+                 decoding: DecodeOptions | None = None, init_from: str = "", freeze_encoder: bool = False,
                  peak_tflops: float = 0.0, max_bad_steps: int = 20, compile: bool = False,
                  feature_stats: str = "") -> None:
         """``model`` sizes a new model; ``init_from`` (a model folder or checkpoint) starts
@@ -167,9 +173,12 @@ class SpeechModule(L.LightningModule):
         ``compile`` runs each encoder/decoder layer through ``torch.compile`` (worth it on GPUs;
         on this 2-core CPU it measured no faster, see benchmarks/README.md).
         ``feature_stats`` is a ``speechformer compute-stats`` JSON file: the global feature
-        mean/variance are taken from it instead of from ``stats_utterances`` training utterances."""
+        mean/variance are taken from it instead of from ``stats_utterances`` training utterances.
+        ``decoding`` is how validation decodes for its WER (the config's ``model.decoding:``
+        section, the fields of :class:`~speechformer.decoding.DecodeOptions`: ``beam_size``,
+        ``decoder: joint`` with ``ctc_weight``, ``length_penalty`` ...), over the model's defaults."""
         super().__init__()
-        for name, value in (("lr", lr), ("val_beam_size", val_beam_size), ("stats_utterances", stats_utterances)):
+        for name, value in (("lr", lr), ("stats_utterances", stats_utterances)):
             if not value > 0:
                 raise ValueError(f"model.{name} must be positive, got {value}")
         for name, value in (("weight_decay", weight_decay), ("warmup_steps", warmup_steps),
@@ -178,6 +187,8 @@ class SpeechModule(L.LightningModule):
                 raise ValueError(f"model.{name} must be at least 0, got {value}")
         if max_bad_steps < 1:
             raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
+        if decoding is not None:  # the values now; what the model can do once it is built
+            TranscribeOptions(decoding).check(name=_decoding_key)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         if init_from:
             from .transcribe import load_model
@@ -211,14 +222,25 @@ class SpeechModule(L.LightningModule):
         self.min_lr_ratio, self.betas = min_lr_ratio, tuple(betas)
         self.stats_utterances = stats_utterances
         self.feature_stats = feature_stats
-        self.val_beam_size = val_beam_size
+        self.decoding = self._validation_decoding(decoding)
         self.max_bad_steps = max_bad_steps
         self.skipped_batches = 0
         self._bad_in_a_row = 0
         self._drop_gradients = False
         self._resumed_random_state: dict[str, Any] | None = None  # applied at the first batch after a resume
-        self.max_input_seconds = 30.0 if config.frontend == "whisper" else 0.0  # longer audio is chunked
+        self.max_input_seconds = WHISPER_WINDOW_SECONDS if config.is_whisper else 0.0  # longer audio is chunked
         self._val_outputs: list[tuple[list[str], list[str], list[str]]] = []
+
+    def _validation_decoding(self, decoding: DecodeOptions | None) -> DecodeOptions:
+        """How validation decodes: the settings ``model.decoding`` gives over the model family's
+        defaults (:meth:`~speechformer.transcribe.ModelBundle.default_options`, as transcribe
+        uses them), checked now by the same rules, a refusal naming ``model.decoding.FIELD``."""
+        from .transcribe import ModelBundle
+
+        bundle = ModelBundle(self.model, self.tokenizer)
+        options = bundle.default_options(**(set_fields(decoding) if decoding is not None else {}))
+        options.check(bundle if self.tokenizer is not None else None, name=_decoding_key)
+        return options.decode
 
     # ----------------------------------------------------------------- setup
     def on_fit_start(self) -> None:
@@ -262,7 +284,7 @@ class SpeechModule(L.LightningModule):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - self._step_start
         frontend = self.model.frontend
-        frames = (frontend.n_frames if self.config.frontend == "whisper"
+        frames = (frontend.n_frames if self.config.is_whisper
                   else batch["wav"].shape[1] // frontend.hop_length + 1)
         tokens = batch["tokens"].shape[1] + len(self.prompt or [0])
         flops = training_flops(self.config, batch["wav"].shape[0], frames, tokens)
@@ -374,8 +396,7 @@ class SpeechModule(L.LightningModule):
         bs = len(batch["ids"])
         self.log("val_loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val_accuracy", out["accuracy"], batch_size=bs, sync_dist=True)
-        hyps = decode(self.model, memory, mem_lengths, DecodeOptions.for_model(self.model, self.val_beam_size),
-                      self.tokenizer.rules())
+        hyps = decode(self.model, memory, mem_lengths, self.decoding, self.tokenizer.rules())
         self._val_outputs.append((batch["ids"], batch["texts"], [self.tokenizer.decode(h.tokens) for h in hyps]))
 
     def on_validation_epoch_end(self) -> None:

@@ -1,4 +1,5 @@
-"""Writing transcripts without losing any: safe file names, atomic files, a resume journal.
+"""Writing transcripts without losing any: their formats (text, tsv, json, srt, vtt), safe file
+names, atomic files, a resume journal.
 
 A transcription run over 10,000 files that is killed at file 9,000 should cost one file,
 not 9,000. Every finished transcript is appended to a journal (one JSON line, flushed and
@@ -24,9 +25,10 @@ from typing import Iterable
 import soundfile as sf
 
 from .audio import AUDIO_EXTENSIONS
-from .timestamps import Segment, Word
+from .timestamps import Segment, Word, format_srt, format_vtt, segment_cues, words_to_cues
 from .transcribe import TranscriptResult
 
+SUBTITLE_FORMATS = ("srt", "vtt")
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
 
 
@@ -186,3 +188,34 @@ class TranscriptJournal:
         self._file.close()
         if finished:
             self.path.unlink(missing_ok=True)
+
+
+def subtitle_text(result: TranscriptResult, fmt: str) -> str:
+    """Cues from Whisper's segments (one per segment), or from CTC word times."""
+    cues = segment_cues(result.segments, result.duration) if result.segments is not None else \
+        words_to_cues(result.words or [], duration=result.duration)
+    return format_srt(cues) if fmt == "srt" else format_vtt(cues)
+
+
+def format_results(results: list[TranscriptResult], fmt: str) -> str:
+    """All results in one ``--format``: text lines, tsv, json, or one file's subtitles."""
+    if fmt in SUBTITLE_FORMATS:  # one file (several need --output-dir: checked before transcribing)
+        return "".join(subtitle_text(r, fmt) for r in results if r.ok)
+    if fmt == "json":
+        rows = []
+        for r in results:
+            row = {"id": r.key} if r.key != str(r.path) else {}  # a manifest's utterances keep their ids
+            if not r.ok:
+                rows.append(row | {"path": str(r.path), "error": r.error})
+                continue
+            row |= {"path": str(r.path), "text": r.text, "duration": round(r.duration, 3)}
+            if r.words is not None:
+                row["words"] = [w.to_dict() for w in r.words]
+            if r.segments is not None:
+                row["segments"] = [s.to_dict() for s in r.segments]
+            rows.append(row)
+        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+    if fmt == "tsv":
+        lines = ["path\ttext"] + [f"{r.key}\t{r.text}" for r in results if r.ok]
+        return "\n".join(lines) + "\n"
+    return "".join(f"{r.text}\n" for r in results if r.ok)

@@ -6,11 +6,13 @@ a model directory written by ``speechformer export`` or ``speechformer import-wh
 ``tokenizer.json``). Both load without unpickling anything: checkpoints with
 ``torch.load(..., weights_only=True)``, weights with safetensors.
 
-Whisper models get Whisper's guards: a window whose no-speech probability is high and
-whose transcript is unsure is dropped (no text on silence), and a transcript that
+What to do is one frozen :class:`~speechformer.options.TranscribeOptions`:
+``Transcriber(bundle, options, device)``, with ``bundle.default_options(...)`` the model
+family's defaults. Whisper models get Whisper's guards: a window whose no-speech probability
+is high and whose transcript is unsure is dropped (no text on silence), and a transcript that
 compresses too well (a repetition loop) is cut back to where the loop began.
 
-Timestamps come from one of two places (:func:`timing_source`): a CTC head gives word times
+Timestamps come from one of two places (:func:`~speechformer.options.timing_source`): a CTC head gives word times
 by forced alignment; Whisper (no CTC head) writes segment times itself as time tokens, decoded
 under its timestamp rules. A long file's windows are each decoded once and their times shifted
 by the window's start.
@@ -24,7 +26,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -32,13 +34,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .atomic import atomic_write, atomic_write_text
-from .audio import AudioError, audio_info, load_audio, split_long_audio
+from .audio import AudioError, SilentAudio, audio_info, load_audio, split_long_audio
 from .decoding import DecodeOptions, Hypothesis, decode
 from .errors import UserError
 from .fastpath import tune_for_inference
+from .frontend import WHISPER_WINDOW_SECONDS
 from .model import ModelConfig, SpeechTransformer
+from .options import CHUNK_HEADROOM, WHISPER_GUARDS, Timing, TranscribeOptions, timing_source, tokenizer_for
 from .timestamps import FrameClock, Segment, Word, whisper_segments, word_timestamps
-from .tokenizer import (MODEL_FILE, WHISPER_FILE, WHISPER_TIME_PRECISION, AnyTokenizer, WhisperTokenizer,
+from .tokenizer import (MODEL_FILE, WHISPER_FILE, WHISPER_TIME_PRECISION, AnyTokenizer,
                         load_tokenizer, tokenizer_from_payload)
 
 CONFIG_FILE = "config.json"
@@ -54,6 +58,30 @@ class ModelBundle:
     tokenizer: AnyTokenizer | None
     max_input_seconds: float = DEFAULT_MAX_SECONDS
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def window_seconds(self) -> float:
+        """The longest audio decoded as one window: Whisper's 30 s, or a little more than the
+        longest training utterance (:data:`~speechformer.options.CHUNK_HEADROOM`); longer audio is cut."""
+        if self.model.config.is_whisper:
+            return WHISPER_WINDOW_SECONDS
+        return CHUNK_HEADROOM * self.max_input_seconds
+
+    def default_options(self, **overrides: Any) -> TranscribeOptions:
+        """The options this model family needs, then ``overrides`` (any option by name:
+        ``beam_size=4``, ``timestamps=True``): the one place that knows the families apart.
+
+        Whisper: windows of 30 s (:attr:`window_seconds`), at most half the decoder's positions
+        per window (openai-whisper's ``sample_len``, so a repetition loop cannot run to 446
+        tokens), and the guards against text on silence and repetition loops
+        (:data:`~speechformer.options.WHISPER_GUARDS`). Other models: chunks from the longest
+        training utterance, no guards."""
+        if self.model.config.is_whisper:
+            base = TranscribeOptions(DecodeOptions(max_len=self.model.config.max_target_positions // 2),
+                                     **WHISPER_GUARDS)
+        else:
+            base = TranscribeOptions()
+        return base.replace(**overrides)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -273,24 +301,6 @@ class WindowResult(NamedTuple):
     segments: list[Segment] | None = None
 
 
-Timing = Literal["ctc", "whisper"]
-
-
-def timing_source(bundle: ModelBundle, flag: str = "--timestamps") -> Timing:
-    """Where this model's timestamps come from: ``"ctc"`` (word times from a forced alignment
-    to its CTC head) or ``"whisper"`` (segment times from Whisper's time tokens). A model with
-    neither gets one line naming ``flag``, the option that asked for times."""
-    if bundle.model.ctc is not None:
-        return "ctc"
-    tokenizer = bundle.tokenizer
-    if isinstance(tokenizer, WhisperTokenizer) and bundle.model.config.vocab_size > tokenizer.timestamp_begin:
-        return "whisper"
-    raise ValueError(f"{flag}: this model cannot time its transcript: times come from a CTC head (word times, "
-                     "forced alignment) or from Whisper's time tokens (segment times), and it has neither "
-                     "(ctc_head: false, not a Whisper model); use --format text, tsv or json without "
-                     "--timestamps, or a model trained with a CTC head")
-
-
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -308,59 +318,36 @@ class Transcriber:
     >>> [r.text for r in t.transcribe(["a.wav", "b.flac"])]    # doctest: +SKIP
     """
 
-    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu", beam_size: int = 1,
-                 batch_seconds: float = 240.0, max_batch_size: int = 32, num_threads: int = 2,
-                 chunk_seconds: float | None = None, pause_seconds: float | None = 0.5,
-                 no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
-                 compression_ratio_threshold: float = 2.4, cpu_fast_path: bool = True,
-                 precision: str = "fp32", stream_seconds: float = 300.0, decoder: str = "attention",
-                 ctc_weight: float = 0.3, timestamps: bool = False) -> None:
-        if bundle.tokenizer is None:
-            raise ValueError("this model has no tokenizer; import it again with --tokenizer tokenizer.json")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
-        # options the model cannot serve fail here, before any work (Whisper has no CTC head)
-        why = "Whisper models have none" if bundle.model.config.frontend == "whisper" else "ctc_head: false"
-        if decoder != "attention" and bundle.model.ctc is None:
-            raise ValueError(f"--decoder {decoder} needs a CTC head, and this model has none ({why}); "
-                             "use --decoder attention")
-        self.timing: Timing | None = timing_source(bundle) if timestamps else None
-        self.precision = precision
+    def __init__(self, bundle: ModelBundle, options: TranscribeOptions | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        """``options`` (default: ``bundle.default_options()``) are checked against the model
+        here, before any work: a refusal is one :class:`UserError` naming the option."""
+        options = bundle.default_options() if options is None else options
+        options.check(bundle)
+        self.options = options
         self.bundle = bundle
-        self.model = bundle.model.to(device).eval()
-        if cpu_fast_path:  # CPU float32: the decoder's linears prepacked (speechformer/fastpath.py)
-            tune_for_inference(self.model, device, precision)
-        self.tokenizer = bundle.tokenizer
+        self.device = torch.device(device)
+        self.model = bundle.model.to(self.device).eval()
+        if options.cpu_fast_path:  # CPU float32: the decoder's linears prepacked (speechformer/fastpath.py)
+            tune_for_inference(self.model, self.device, options.precision)
+        self.tokenizer = tokenizer_for(options, bundle.tokenizer)
+        self.timing: Timing | None = timing_source(bundle) if options.timestamps else None
         # Whisper with timestamps: no <|notimestamps|> in the prompt, the timestamp rules on
         self.rules = self.tokenizer.rules(timestamps=True) if self.timing == "whisper" else self.tokenizer.rules()
-        self.device = torch.device(device)
-        self.whisper = self.model.config.frontend == "whisper"
-        self.options = DecodeOptions.for_model(self.model, beam_size, decoder=decoder, ctc_weight=ctc_weight)
-        self.timestamps = timestamps
         self.clock = FrameClock.for_model(self.model)
-        self.no_speech_threshold = no_speech_threshold
-        self.logprob_threshold = logprob_threshold
-        self.compression_ratio_threshold = compression_ratio_threshold
-        if batch_seconds <= 0:
-            raise ValueError(f"--batch-seconds must be positive, got {batch_seconds}")
-        self.batch_seconds = batch_seconds
-        self.max_batch_size = max_batch_size
-        self.num_threads = num_threads
         self.sample_rate = self.model.config.sample_rate
-        # a little headroom over the longest training utterance: a silence detector's
-        # frames round intervals outwards, and a whole training-length sentence must fit
-        self.chunk_seconds = chunk_seconds or 1.25 * bundle.max_input_seconds
-        self.pause_seconds = pause_seconds  # long audio: a pause this long always ends a chunk
+        self.chunk_seconds = options.chunk_length(bundle)
         # files longer than this are read block by block, so memory does not grow with length
-        self.stream_seconds = max(stream_seconds, 4 * self.chunk_seconds)
-        if self.whisper:
-            self.chunk_seconds = min(self.chunk_seconds, 30.0)
+        self.stream_seconds = max(options.stream_seconds, 4 * self.chunk_seconds)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **kwargs: Any
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **overrides: Any
                         ) -> "Transcriber":
+        """Load a model and transcribe with its default options and ``overrides`` (any option by
+        name: ``beam_size=4``, ``decoder="joint"``, ``chunk_seconds=10``)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(load_model(path, "cpu"), device=device, **kwargs)
+        bundle = load_model(path, "cpu")
+        return cls(bundle, bundle.default_options(**overrides), device)
 
     # --------------------------------------------------------------- public API
     def transcribe(self, paths: Iterable[str | Path], progress: bool = False,
@@ -374,7 +361,7 @@ class Transcriber:
                          window: int = 256) -> Iterator[TranscriptResult]:
         """Yield results in input order; files are read ``window`` at a time in threads."""
         bar = _progress(len(items), progress)
-        with ThreadPoolExecutor(max_workers=self.num_threads) as pool:
+        with ThreadPoolExecutor(max_workers=self.options.num_threads) as pool:
             for start in range(0, len(items), window):
                 group = items[start:start + window]
                 long = set(pool.map(self._is_long, group))
@@ -401,7 +388,7 @@ class Transcriber:
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
         out = [self._nothing()] * len(wavs)
         # a Whisper window always costs 30 s of encoder, however short its audio
-        costs = [self.model.frontend.chunk_samples if self.whisper else len(wavs[i]) for i in order]
+        costs = [self.model.frontend.chunk_samples if self.model.config.is_whisper else len(wavs[i]) for i in order]
         for batch in self._batches(costs):
             idx = [order[i] for i in batch]
             for i, seg in zip(idx, self._run([wavs[i] for i in idx])):
@@ -410,7 +397,7 @@ class Transcriber:
 
     # --------------------------------------------------------------- internals
     def _decode_chunks(self, wavs: Sequence[Tensor]) -> list[WindowResult]:
-        if self.timestamps:
+        if self.options.timestamps:
             return self.transcribe_segments(wavs)
         return [WindowResult(text) for text in self.transcribe_waveforms(wavs)]
 
@@ -445,16 +432,15 @@ class Transcriber:
             last = pos + block >= total - 0.01
             try:
                 wav = load_audio(item.path, self.sample_rate, offset=pos, duration=block)
-            except AudioError as err:
-                if "silence" in str(err) and not last:  # a silent stretch: nothing to say there
-                    pos += block
-                    continue
-                if "silence" in str(err):
+            except SilentAudio:  # a silent stretch: nothing to say there
+                if last:
                     break
+                pos += block
+                continue
+            except AudioError as err:
                 result.error = str(err)
                 return result
-            spans = split_long_audio(wav, self.sample_rate, self.chunk_seconds,
-                                     min_seconds=min(1.0, self.chunk_seconds / 4), pause_seconds=self.pause_seconds)
+            spans = self._spans(wav)
             if not last and len(spans) > 1:
                 carry = spans[-1][0]  # the last chunk may be cut by the block's end: it starts the next block
                 spans = spans[:-1]
@@ -490,9 +476,7 @@ class Transcriber:
             if len(wav) <= max_samples:
                 segments.append((n, 0, wav))
             else:
-                for s, e in split_long_audio(wav, self.sample_rate, self.chunk_seconds,
-                                             min_seconds=min(1.0, self.chunk_seconds / 4),
-                                             pause_seconds=self.pause_seconds):
+                for s, e in self._spans(wav):
                     segments.append((n, s, wav[s:e]))
         decoded = self._decode_chunks([w for _, _, w in segments])
         pieces: dict[int, list[str]] = {}
@@ -506,13 +490,18 @@ class Transcriber:
                 result.text = " ".join(pieces.get(n, []))
         return results
 
+    def _spans(self, wav: Tensor) -> list[tuple[int, int]]:
+        """(start, end) samples of the chunks ``wav`` is cut into, at quiet points."""
+        return split_long_audio(wav, self.sample_rate, self.chunk_seconds, min_seconds=min(1.0, self.chunk_seconds / 4),
+                                pause_seconds=self.options.pause_seconds)
+
     def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Consecutive index groups of sorted lengths, capped by padded seconds and count."""
         batch: list[int] = []
         for i, n in enumerate(lengths):
             longest = max([n] + [lengths[j] for j in batch[-1:]])
-            if batch and (longest * (len(batch) + 1) > self.batch_seconds * self.sample_rate
-                          or len(batch) >= self.max_batch_size):
+            if batch and (longest * (len(batch) + 1) > self.options.batch_seconds * self.sample_rate
+                          or len(batch) >= self.options.max_batch_size):
                 yield batch
                 batch = []
             batch.append(i)
@@ -530,9 +519,9 @@ class Transcriber:
         for row, i in enumerate(live):
             batch[row, :len(wavs[i])] = wavs[i]
         # bf16: matmuls in bfloat16 (AMX/AVX512-BF16 CPUs, GPUs), features and softmax in float32
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.precision == "bf16"):
             memory, mem_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device))
-            hyps = decode(self.model, memory, mem_lengths, self.options, self.rules)
+            hyps = decode(self.model, memory, mem_lengths, self.options.decode, self.rules)
             log_probs = self.model.ctc_log_probs(memory).cpu() if self.timing == "ctc" else None
         for row, (i, hyp) in enumerate(zip(live, hyps)):
             tokens = self._kept(hyp)
@@ -551,11 +540,13 @@ class Transcriber:
 
     def _kept(self, hyp: Hypothesis) -> list[int]:
         """The tokens of one window kept after Whisper's guards against silence and loops."""
-        if (hyp.no_speech_prob is not None and hyp.no_speech_prob > self.no_speech_threshold
-                and hyp.avg_logprob < self.logprob_threshold):
+        o = self.options
+        if (hyp.no_speech_prob is not None and o.no_speech_threshold is not None
+                and hyp.no_speech_prob > o.no_speech_threshold and hyp.avg_logprob < o.logprob_threshold):
             return []  # Whisper's rule: probably no speech, and an unsure transcript
         tokens = hyp.tokens
-        if self.whisper and compression_ratio(self.tokenizer.decode(tokens)) > self.compression_ratio_threshold:
+        ratio = o.compression_ratio_threshold
+        if ratio is not None and compression_ratio(self.tokenizer.decode(tokens)) > ratio:
             tokens = trim_repetition(tokens)
         return tokens
 

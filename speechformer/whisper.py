@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .frontend import WHISPER_WINDOW_SECONDS
 from .model import ModelConfig, SpeechTransformer
 from .model.layers import sinusoids
 from .tokenizer import WHISPER_FILE, WhisperTokenizer
@@ -360,5 +361,5 @@ def import_whisper(src: str | Path, out: str | Path, tokenizer: str | Path | Non
                                      f"{model.config.vocab_size}; is it the tokenizer of this model?")
     model.config.bos_id = tok.sot if tok is not None else model.config.bos_id
     model.config.eos_id = tok.eot if tok is not None else model.config.eos_id
-    bundle = ModelBundle(model, tok, 30.0, {"source": f"{fmt}:{src.resolve().name}"})  # type: ignore[arg-type]
+    bundle = ModelBundle(model, tok, WHISPER_WINDOW_SECONDS, {"source": f"{fmt}:{src.resolve().name}"})  # type: ignore[arg-type]
     return export_model(bundle, out)

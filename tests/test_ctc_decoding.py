@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from speechformer.decoding import CTCPrefixScorer, DecodeOptions, beam_search, ctc_greedy_decode, decode
 from speechformer.model import ModelConfig, SpeechTransformer
+from speechformer.options import TranscribeOptions
 
 
 def tiny_model(**kw) -> SpeechTransformer:
@@ -144,6 +145,6 @@ def test_ctc_decoders_need_a_ctc_head_and_sane_options():
     with pytest.raises(ValueError, match="no CTC head"):
         decode(model, memory, mem_lengths, DecodeOptions(decoder="joint", beam_size=2))
     with pytest.raises(ValueError, match="greedy"):
-        DecodeOptions(decoder="ctc", beam_size=4)
+        TranscribeOptions(DecodeOptions(decoder="ctc", beam_size=4)).check()
     with pytest.raises(ValueError, match="ctc-weight"):
-        DecodeOptions(decoder="joint", ctc_weight=1.5)
+        TranscribeOptions(DecodeOptions(decoder="joint", ctc_weight=1.5)).check()

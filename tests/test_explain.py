@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 
 from speechformer.cli import main
-from speechformer.decoding import DecodeOptions, greedy_decode
+from speechformer.decoding import greedy_decode
 from speechformer.explain import alignment_scores, backward_jumps, word_groups, word_peaks
 from speechformer.model import ModelConfig, MultiHeadAttention, SpeechTransformer, capture_attention, causal_mask
 from speechformer.tokenizer import WhisperTokenizer
@@ -193,7 +193,7 @@ def check_explain_output(out: Path, model_path: Path, audio: Path, encoder_layer
     wav = load_audio(audio, c.sample_rate)
     with torch.no_grad():
         memory, mem_lengths = model.encode(wav[None], torch.tensor([len(wav)]))
-    hyp = greedy_decode(model, memory, mem_lengths, DecodeOptions.for_model(model), tok.rules())[0]
+    hyp = greedy_decode(model, memory, mem_lengths, bundle.default_options().decode, tok.rules())[0]
     n_tokens = len(hyp.tokens) + 1  # the end token too
     if c.frontend == "whisper":
         n_frames = -(-(len(wav) // 160) // 2)

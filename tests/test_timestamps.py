@@ -168,9 +168,9 @@ def test_timestamps_fail_early_naming_the_flag_for_a_model_without_ctc_head_or_w
                               n_vocab=tok.vocab_size, n_text_ctx=16, n_text_state=32, n_text_head=2, n_text_layer=1)
     bundle = ModelBundle(SpeechTransformer(cfg).eval(), tok)
     with pytest.raises(ValueError, match="--timestamps: this model cannot time its transcript.*CTC head.*Whisper"):
-        Transcriber(bundle, timestamps=True)
-    with pytest.raises(ValueError, match="--decoder joint needs a CTC head"):
-        Transcriber(bundle, decoder="joint", beam_size=2)
+        Transcriber(bundle, bundle.default_options(timestamps=True))
+    with pytest.raises(ValueError, match="--decoder joint: needs a CTC head"):
+        Transcriber(bundle, bundle.default_options(decoder="joint", beam_size=2))
     export_model(bundle, tmp_path / "model")
     sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
     # the message names the option the user typed, not --timestamps: one line, exit 2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from speechformer.decoding import DecodeOptions
 from speechformer.transcribe import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -151,7 +152,7 @@ def test_fit_rejects_wrong_flag_values_before_training_naming_the_flag(tiny_corp
     ({"num_workers": -1}, "data.num_workers must be at least 0"),
     ({"max_duration": 50.0, "max_batch_seconds": 20.0}, "data.max_duration (50.0 s) is longer than"),
     ({"lr": 0.0}, "model.lr must be positive"),
-    ({"val_beam_size": 0}, "model.val_beam_size must be positive"),
+    ({"decoding": DecodeOptions(beam_size=0)}, "model.decoding.beam_size: must be at least 1, got 0"),
     ({"warmup_steps": -1}, "model.warmup_steps must be at least 0"),
     ({"max_bad_steps": 0}, "model.max_bad_steps must be at least 1"),
 ])
@@ -159,7 +160,7 @@ def test_wrong_settings_fail_at_construction_naming_the_setting(kwargs, message)
     from speechformer.data import SpeechDataModule
     from speechformer.lightning import SpeechModule
 
-    cls = SpeechModule if any(k in ("lr", "val_beam_size", "warmup_steps", "max_bad_steps") for k in kwargs) \
+    cls = SpeechModule if any(k in ("lr", "decoding", "warmup_steps", "max_bad_steps") for k in kwargs) \
         else SpeechDataModule
     with pytest.raises(ValueError, match=re.escape(message)):
         cls(**kwargs)

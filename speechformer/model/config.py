@@ -114,6 +114,12 @@ class ModelConfig:
             raise ValueError("model config: ctc_weight > 0 needs ctc_head: true")
 
     @property
+    def is_whisper(self) -> bool:
+        """A Whisper model (``ModelConfig.whisper``): 30-second windows, Whisper's frontend and tokenizer.
+        The one question every module asks instead of comparing ``frontend`` itself."""
+        return self.frontend == "whisper"
+
+    @property
     def rotary(self) -> bool:
         """Whether the encoder's self-attention rotates queries and keys by position."""
         return self.encoder_positions.endswith("rotary")

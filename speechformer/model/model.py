@@ -75,7 +75,7 @@ class SpeechTransformer(nn.Module):
         if config.vocab_size <= 0:
             raise ValueError("model config: vocab_size must be set (from the tokenizer) before building the model")
         self.config = c = config
-        if c.frontend == "whisper":
+        if c.is_whisper:
             self.frontend: nn.Module = WhisperFrontend(c.n_mels, c.sample_rate)
         else:
             self.frontend = LogMelFrontend(c.sample_rate, c.n_mels)
