@@ -78,7 +78,7 @@ class EncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, wav: Tensor, wav_lengths: Tensor) -> tuple[Tensor, ...]:
-        memory, lengths, _ = self.model.encode(wav, wav_lengths)
+        memory, lengths = self.model.encode(wav, wav_lengths)
         keys, values = zip(*(layer.cross_attn.project_kv(memory) for layer in self.model.decoder_layers))
         ctc = (self.model.ctc_log_probs(memory),) if self.model.ctc is not None else ()
         return (lengths, *ctc, torch.stack(keys), torch.stack(values))

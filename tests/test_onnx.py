@@ -102,7 +102,7 @@ def test_encoder_graph_matches_pytorch(exported, seconds, batch):
     family, model, encoder = exported.family, exported.model, exported.encoder
     wav, lengths = _audio(seconds, batch)
     got = _encode(encoder, wav, lengths, encoder_outputs(model))
-    memory, mem_lengths, _ = model.encode(wav, lengths)
+    memory, mem_lengths = model.encode(wav, lengths)
     assert got["mem_lengths"].tolist() == mem_lengths.tolist()
     if family == "whisper":
         assert "ctc_log_probs" not in got
@@ -134,7 +134,7 @@ def test_decoder_graph_matches_pytorch_with_and_without_the_cache(exported, seco
     model, encoder, decoder = exported.model, exported.encoder, exported.decoder
     wav, lengths = _audio(seconds, batch, seed=1)
     enc = _encode(encoder, wav, lengths, encoder_outputs(model))
-    memory, mem_lengths, _ = model.encode(wav, lengths)
+    memory, mem_lengths = model.encode(wav, lengths)
     beams = 2  # two hypotheses per utterance, consecutive rows sharing its memory
     rows = batch * beams
     g = torch.Generator().manual_seed(int(seconds * 10) + batch)

@@ -141,7 +141,7 @@ def test_validation_during_training_decodes_jointly_by_the_config_section(untrai
              "tokens": torch.tensor([[5, 6], [7, 0]]), "token_lengths": torch.tensor([2, 1])}
     with torch.no_grad():
         module.validation_step(batch, 0)
-        memory, lengths, _ = module.model.encode(batch["wav"], batch["wav_lengths"])
+        memory, lengths = module.model.encode(batch["wav"], batch["wav_lengths"])
         rules = module.tokenizer.rules()
         expected = [module.tokenizer.decode(h.tokens) for h in decode(module.model, memory, lengths, joint, rules)]
         greedy = [module.tokenizer.decode(h.tokens) for h in decode(module.model, memory, lengths, DecodeOptions(),
