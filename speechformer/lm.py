@@ -20,8 +20,8 @@ start), feeds the tokens the cache has not seen, and returns the next-piece log-
 
 A trained LM is a folder like an exported acoustic model: ``config.json`` (``"format":
 "speechformer-lm"``, the ``"lm"`` settings), ``model.safetensors``, ``tokenizer.model``
-(:func:`export_lm`, :func:`load_lm`). :func:`check_tokenizer_matches` refuses an LM whose pieces
-are not the acoustic model's. Training (``speechformer lm train``) is :mod:`speechformer.lm_train`.
+(:func:`export_lm`, :func:`load_lm`). :func:`load_lm_for_model` (:func:`check_tokenizer_matches`)
+refuses an LM whose pieces are not the acoustic model's. Training (``speechformer lm train``) is :mod:`speechformer.lm_train`.
 """
 
 from __future__ import annotations
@@ -275,6 +275,15 @@ def _lm_settings(cfg_path: Path, folder: Path) -> dict[str, Any]:
             raise err from None
         raise UserError(f"--lm {folder}", "an acoustic model's folder, not a language model",
                         "give a folder written by `speechformer lm train`") from None
+
+
+def load_lm_for_model(lm_path: str | Path, tokenizer: Any, model_path: object,
+                      device: str | torch.device = "cpu") -> LMBundle:
+    """The LM folder ``lm_path`` for decoding with the acoustic model at ``model_path`` (whose
+    tokenizer is ``tokenizer``): refused in one line unless both have the same pieces."""
+    lm = load_lm(lm_path, device)
+    check_tokenizer_matches(lm, tokenizer, lm_path, model_path)
+    return lm
 
 
 def check_tokenizer_matches(lm: LMBundle, tokenizer: Any, lm_path: object, model_path: object) -> None:

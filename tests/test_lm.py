@@ -17,7 +17,8 @@ import torch
 from conftest import load_data_prep
 from speechformer.cli import main
 from speechformer.errors import UserError
-from speechformer.lm import LanguageModel, LMConfig, check_tokenizer_matches, complete, load_lm, perplexity
+from speechformer.lm import (LanguageModel, LMConfig, check_tokenizer_matches, complete, load_lm, load_lm_for_model,
+                             perplexity)
 from speechformer.lm_train import LMTraining, read_sentences, train_lm
 from speechformer.tokenizer import EOS_ID, train_tokenizer
 
@@ -161,11 +162,16 @@ def test_synthetic_lm_text_never_holds_a_valid_or_test_sentence(tmp_path):
 def test_lm_folder_checks_its_tokenizer_against_the_acoustic_models(grammar_lm, untrained_model):
     from speechformer.transcribe import load_model
 
-    lm = load_lm(grammar_lm["lm"])
-    check_tokenizer_matches(lm, grammar_lm["tokenizer"], grammar_lm["lm"], "model")  # the same pieces: no error
+    lm = load_lm_for_model(grammar_lm["lm"], grammar_lm["tokenizer"], "model")  # the same pieces: no error
+    assert lm.tokenizer.pieces(range(128)) == grammar_lm["tokenizer"].pieces(range(128))
     with pytest.raises(UserError, match=r"--lm .*: its tokenizer is not the one of .*model \(128 pieces against 40\)"):
-        check_tokenizer_matches(lm, load_model(untrained_model["model"]).tokenizer, grammar_lm["lm"],
-                                untrained_model["model"])
+        load_lm_for_model(grammar_lm["lm"], load_model(untrained_model["model"]).tokenizer, untrained_model["model"])
+    same_size = train_tokenizer(["the quick brown fox jumps over the lazy dog",
+                                 "pack my box with five dozen liquor jugs"] * 20, 40, grammar_lm["dir"] / "other")
+    shrunk = load_lm(grammar_lm["lm"])
+    shrunk.tokenizer = same_size  # an LM over 40 other pieces: same count as the model's, other pieces
+    with pytest.raises(UserError, match="the same number of pieces, not the same ones"):
+        check_tokenizer_matches(shrunk, load_model(untrained_model["model"]).tokenizer, "lm", "model")
 
 
 def _error_line(capsys) -> str:
