@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .audio import load_audio
-from .decoding import _Suppressor, greedy_decode
+from .decoding import apply_filters, greedy_decode, logit_filters
 from .model import SpeechTransformer, capture_attention
 from .atomic import atomic_write_text
 from .options import TranscribeOptions, tokenizer_for
@@ -188,10 +188,11 @@ def explain_waveform(bundle: ModelBundle, wav: Tensor, encoder_layer: int = -1, 
         logits = model.decode(dec_in, memory, mask)
     p = len(prompt)
     rows = slice(p - 1, p - 1 + len(out_tokens))  # the positions that predict each output token
-    # the probabilities decoding chose from: the same suppressed tokens as greedy_decode
-    suppress = _Suppressor(rules, c.vocab_size, device)
-    step_logits = logits[0, rows].float()
-    step_logits = torch.cat([suppress(step_logits[:1], 0), suppress(step_logits[1:], 1)])
+    # the probabilities decoding chose from: each position's logits through decoding's own filters
+    filters = logit_filters(rules, c.vocab_size, device)
+    emitted = torch.tensor([hyp.tokens], dtype=torch.long, device=device)
+    step_logits = torch.cat([apply_filters(filters, logits[0, p - 1 + i:p + i], emitted[:, :i], i)
+                             for i in range(len(out_tokens))])
     probs = step_logits.softmax(-1)
     chosen = torch.tensor(out_tokens, device=device)
     top_p, top_id = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
