@@ -346,6 +346,7 @@ def _transcribe_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     Returns the items in order, the results of those already known to fail (a missing path, a
     link loop, a pattern that matches nothing: reported per file like an unreadable one), and
     whether the keys are file paths."""
+    from .audio import find_audio_paths
     from .data import read_manifest
     from .transcribe import AudioItem, TranscriptResult
 
