@@ -70,25 +70,6 @@ class Hypothesis:
     """One decoded transcript: token ids (no prompt, no end token) and how sure the model was."""
 
     tokens: list[int]
-    logprob: float = 0.0  # sum of the emitted tokens' log-probabilities, the end token included
-    no_speech_prob: float | None = None  # Whisper: P(<|nospeech|>) at the start-of-transcript position
-
-    @property
-    def avg_logprob(self) -> float:
-        return self.logprob / (len(self.tokens) + 1)
-
-
-def default_rules(model: SpeechTransformer) -> DecodeRules:
-    """speechformer's own layout: start with ``<s>``, never emit ``<blank>`` or ``<s>``."""
-    c = model.config
-    return DecodeRules(prompt=[c.bos_id], eos_id=c.eos_id, suppress=[c.blank_id, c.bos_id])
-
-
-@dataclass
-class Hypothesis:
-    """One decoded transcript: token ids (no prompt, no end token) and how sure the model was."""
-
-    tokens: list[int]
     logprob: float = 0.0  # its score: the weighted sum of its scorers' log-probabilities, the end token included
     no_speech_prob: float | None = None  # Whisper: P(<|nospeech|>) at the start-of-transcript position
 
