@@ -84,7 +84,7 @@ def test_lm_fusion_scores_each_hypothesis_by_decoder_plus_weighted_lm():
                    scorers=[lm_scorer(lm, model, 3, 3, 0.5)])
     mask = model.memory_mask(lengths, memory.shape[1])
     for row, h in enumerate(fused):
-        logits, _ = model.decode(torch.tensor([[c.bos_id] + h.tokens]), memory[row:row + 1],
+        logits = model.decode(torch.tensor([[c.bos_id] + h.tokens]), memory[row:row + 1],
                                  None if mask is None else mask[row:row + 1])
         logits[..., [c.blank_id, c.bos_id]] = float("-inf")
         target = h.tokens + ([c.eos_id] if len(h.tokens) < 8 else [])
