@@ -625,7 +625,8 @@ class _Beam:
         rows = (keep[:, None] * self.k + torch.arange(self.k, device=keep.device)).flatten()
         self.utts = [self.utts[i] for i in keep.tolist()]
         self.scores, self.history = self.scores[keep], self.history[rows]
-        self.best_score, self.best_raw, self.n_finished = self.best_score[keep], self.best_raw[keep], self.n_finished[keep]
+        self.best_score, self.best_raw = self.best_score[keep], self.best_raw[keep]
+        self.n_finished = self.n_finished[keep]
         self.done, self.limits, self.n_done = self.done[keep], self.limits[keep], 0
         return rows
 

@@ -94,7 +94,8 @@ def test_lm_fusion_scores_each_hypothesis_by_decoder_plus_weighted_lm():
     # an LM that all but insists on token 7 makes greedy decoding write it
     table = torch.full((V, V), -10.0)
     table[:, 7] = 10.0
-    insist = search(model, memory, lengths, DecodeOptions(max_len=6), scorers=[lm_scorer(TrigramLM(table), model, 3, 1, 1.0)])
+    insist = search(model, memory, lengths, DecodeOptions(max_len=6),
+                    scorers=[lm_scorer(TrigramLM(table), model, 3, 1, 1.0)])
     assert all(h.tokens == [7] * 6 for h in insist)
     assert all(h.tokens != [7] * 6 for h in decode(model, memory, lengths, DecodeOptions(max_len=6)))
 
