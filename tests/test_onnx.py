@@ -142,7 +142,7 @@ def test_decoder_graph_matches_pytorch_with_and_without_the_cache(exported, seco
     tokens[:, 0] = model.config.bos_id
     rep_memory = memory.repeat_interleave(beams, 0)
     ref_full = model.decode(tokens, rep_memory, model.memory_mask(mem_lengths.repeat_interleave(beams), memory.shape[1])
-                            )[0].float().log_softmax(-1)
+                            ).float().log_softmax(-1)
     # without the cache: the whole sequence in one call
     full, (k, v) = _step(decoder, tokens, _empty_cache(model, rows), enc)
     assert _max_diff(full, ref_full) < TOL
@@ -154,7 +154,7 @@ def test_decoder_graph_matches_pytorch_with_and_without_the_cache(exported, seco
     cache, pieces = _empty_cache(model, rows), [(0, 2)] + [(i, i + 1) for i in range(2, tokens.shape[1])]
     for start, end in pieces:
         got, cache = _step(decoder, tokens[:, start:end], cache, enc)
-        ref = model.decode(tokens[:, start:end], memory, mask, state)[0].float().log_softmax(-1)
+        ref = model.decode(tokens[:, start:end], memory, mask, state).float().log_softmax(-1)
         assert _max_diff(got, ref) < TOL
         assert _max_diff(got, ref_full[:, start:end]) < TOL
         assert cache[0].shape[3] == end

@@ -267,7 +267,8 @@ def test_hardware_tuning_is_switched_on_by_the_entry_points_not_by_building(untr
     from speechformer.transcribe import Transcriber
 
     module = SpeechModule(model=ModelConfig(**TINY), peak_tflops=1.0)
-    transcriber = Transcriber(load_model(untrained_model["model"]), cpu_fast_path=False)
+    bundle = load_model(untrained_model["model"])
+    transcriber = Transcriber(bundle, bundle.default_options(cpu_fast_path=False))
     plain = [m for m in [*module.model.modules(), *transcriber.model.modules()]
              if isinstance(m, (fastpath.ByteMaskDropout, fastpath.PackedLinear))
              or (isinstance(m, MultiHeadAttention) and m.kernel is not fastpath.fused_attention)]
