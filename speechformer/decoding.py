@@ -334,6 +334,25 @@ class LMScorer(Scorer):
         self.tokens = self.tokens[rows]
 
 
+class LengthBonus(Scorer):
+    """A score of 1 for every token but the end, weighted by the bonus: shallow fusion's length
+    reward, which offsets a language model's preference for short transcripts."""
+
+    def __init__(self, vocab_size: int, eos_id: int, bonus: float, device: torch.device | str = "cpu") -> None:
+        self.weight = bonus
+        self.row = torch.ones(vocab_size, device=device)
+        self.row[eos_id] = 0.0
+
+    def log_probs(self, history: Tensor, step: int) -> Tensor:
+        return self.row.expand(history.shape[0], -1)
+
+    def select(self, parents: Tensor | None, tokens: Tensor) -> None:
+        pass
+
+    def keep(self, rows: Tensor) -> None:
+        pass
+
+
 def default_scorers(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor, options: DecodeOptions,
                     rules: DecodeRules, max_len: int) -> list[Scorer]:
     """The scorers of ``options.decoder``: ``attention``, the decoder alone; ``joint``, the decoder
