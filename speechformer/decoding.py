@@ -304,8 +304,8 @@ def _log_ratio(score: Tensor, prefix: Tensor) -> Tensor:
 
 class LanguageModel(Protocol):
     """What :class:`LMScorer` needs of a language model over the decoder's token ids: ``step``
-    reads tokens [N, L] (the prompt first, then one new token per row) with its cache (``None`` at
-    first) and returns next-token log-probabilities [N, V] and the cache, whose ``reorder(index)``
+    reads tokens (the prompt [N, L] first, then the new token of each row [N]) with its cache
+    (``None`` at first) and returns next-token log-probabilities [N, V] and the cache, whose ``reorder(index)``
     makes row i old row ``index[i]`` (fewer rows when finished utterances are dropped)."""
 
     def step(self, tokens: Tensor, cache: Any) -> tuple[Tensor, Any]: ...
@@ -327,7 +327,7 @@ class LMScorer(Scorer):
     def select(self, parents: Tensor | None, tokens: Tensor) -> None:
         if parents is not None:
             self.cache.reorder(parents)
-        self.tokens = tokens[:, None]
+        self.tokens = tokens  # [N]: one new token per row (speechformer.lm.LanguageModel.step)
 
     def keep(self, rows: Tensor) -> None:
         self.cache.reorder(rows)

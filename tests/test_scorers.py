@@ -41,9 +41,10 @@ class TrigramLM:
         self.a, self.b = a, torch.zeros_like(a) if b is None else b  # [V, V]: row = last / the one before
 
     def step(self, tokens: torch.Tensor, cache: "TrigramLM.Cache | None"):
-        before = tokens[:, -1] if cache is None else cache.last
-        log_probs = (self.a[tokens[:, -1]] + self.b[before]).log_softmax(-1)
-        return log_probs, TrigramLM.Cache(tokens[:, -1])
+        last = tokens[:, -1] if tokens.dim() == 2 else tokens  # the prompt [N, L], then one token per row [N]
+        before = last if cache is None else cache.last
+        log_probs = (self.a[last] + self.b[before]).log_softmax(-1)
+        return log_probs, TrigramLM.Cache(last)
 
     def score(self, tokens: list[int], bos: int) -> float:
         seq = [bos, bos] + tokens
