@@ -283,4 +283,4 @@ def test_lm_flags_are_refused_in_one_line_naming_the_flag(fusion, grammar_lm, ca
             assert main([command[0], "--model", fusion["model"], "--quiet", *flags, *command[1:]]) == 2, flags
             line = _error_line(capsys)
             assert expected in line and "; " in line, line
-            assert not (fusion["dir"] / "refused").exists()
+            assert not (fusion["dir"] / "refused" / "summary.json").exists()
