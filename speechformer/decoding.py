@@ -212,6 +212,7 @@ class Scorer:
 
     weight: float = 1.0
     partial: bool = False
+    ranks: bool = True  # full scorers: its scores tell tokens apart (a length bonus does not)
 
     def log_probs(self, history: Tensor, step: int) -> Tensor:
         """Full scorers: [N, V] for the N live hypotheses (``history`` [N, step] their tokens)."""
@@ -336,7 +337,10 @@ class LMScorer(Scorer):
 
 class LengthBonus(Scorer):
     """A score of 1 for every token but the end, weighted by the bonus: shallow fusion's length
-    reward, which offsets a language model's preference for short transcripts."""
+    reward, which offsets a language model's preference for short transcripts. It does not rank
+    the pre-beam candidates (:func:`pre_beam_size`): all its tokens but the end score alike."""
+
+    ranks = False
 
     def __init__(self, vocab_size: int, eos_id: int, bonus: float, device: torch.device | str = "cpu") -> None:
         self.weight = bonus
@@ -378,7 +382,7 @@ def _weigh(total: Tensor | None, weight: float, scores: Tensor) -> Tensor:
 def pre_beam_size(options: DecodeOptions, vocab_size: int, scorers: Sequence[Scorer]) -> int:
     """How many tokens per hypothesis the partial scorers score: ``ctc_candidates`` (0: 1.5 x the
     beam, at least 2), or every token when the full scorers have no weight to rank them by."""
-    if all(s.weight == 0 for s in scorers if not s.partial):
+    if all(s.weight == 0 for s in scorers if not s.partial and s.ranks):
         return vocab_size
     return min(vocab_size, options.ctc_candidates or max(2, int(1.5 * options.beam_size)))
 

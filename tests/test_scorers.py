@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from speechformer.decoding import (DecodeOptions, LengthBonus, LMScorer, SuppressTokens, apply_filters, beam_search, decode,
-                                   default_rules, logit_filters, search)
+from speechformer.decoding import (DecodeOptions, LengthBonus, LMScorer, SuppressTokens, apply_filters, beam_search,
+                                   decode, default_rules, logit_filters, pre_beam_size, search)
 from speechformer.model import ModelConfig, SpeechTransformer
 from speechformer.tokenizer import DecodeRules
 
@@ -120,6 +120,11 @@ def test_length_bonus_adds_its_weight_per_token_and_nothing_for_the_end():
             att = float(logits[0, :len(target)].log_softmax(-1).gather(1, torch.tensor([target]).T).sum())
             assert abs(h.logprob - (att + bonus * len(h.tokens))) < 1e-3
     assert all(len(h.tokens) == 6 for h in hyps)
+    # CTC alone (--ctc-weight 1) with a bonus: the bonus ranks nothing, so CTC still scores every token
+    joint = DecodeOptions(beam_size=3, decoder="joint", ctc_weight=1.0)
+    bonus = LengthBonus(V, c.eos_id, 1.0)
+    assert pre_beam_size(joint, V, [lm_scorer(random_lm(), model, 3, 3, 0.0), bonus]) == V
+    assert pre_beam_size(joint, V, [lm_scorer(random_lm(), model, 3, 3, 0.5), bonus]) < V
 
 
 def test_logit_filters_are_the_rules_of_the_tokenizer():
