@@ -212,6 +212,7 @@ class Scorer:
 
     weight: float = 1.0
     partial: bool = False
+    ranks: bool = True  # full scorers: its scores tell tokens apart (a length bonus does not)
 
     def log_probs(self, history: Tensor, step: int) -> Tensor:
         """Full scorers: [N, V] for the N live hypotheses (``history`` [N, step] their tokens)."""
@@ -304,8 +305,8 @@ def _log_ratio(score: Tensor, prefix: Tensor) -> Tensor:
 
 class LanguageModel(Protocol):
     """What :class:`LMScorer` needs of a language model over the decoder's token ids: ``step``
-    reads tokens [N, L] (the prompt first, then one new token per row) with its cache (``None`` at
-    first) and returns next-token log-probabilities [N, V] and the cache, whose ``reorder(index)``
+    reads tokens (the prompt [N, L] first, then the new token of each row [N]) with its cache
+    (``None`` at first) and returns next-token log-probabilities [N, V] and the cache, whose ``reorder(index)``
     makes row i old row ``index[i]`` (fewer rows when finished utterances are dropped)."""
 
     def step(self, tokens: Tensor, cache: Any) -> tuple[Tensor, Any]: ...
@@ -327,11 +328,33 @@ class LMScorer(Scorer):
     def select(self, parents: Tensor | None, tokens: Tensor) -> None:
         if parents is not None:
             self.cache.reorder(parents)
-        self.tokens = tokens[:, None]
+        self.tokens = tokens  # [N]: one new token per row (speechformer.lm.LanguageModel.step)
 
     def keep(self, rows: Tensor) -> None:
         self.cache.reorder(rows)
         self.tokens = self.tokens[rows]
+
+
+class LengthBonus(Scorer):
+    """A score of 1 for every token but the end, weighted by the bonus: shallow fusion's length
+    reward, which offsets a language model's preference for short transcripts. It does not rank
+    the pre-beam candidates (:func:`pre_beam_size`): all its tokens but the end score alike."""
+
+    ranks = False
+
+    def __init__(self, vocab_size: int, eos_id: int, bonus: float, device: torch.device | str = "cpu") -> None:
+        self.weight = bonus
+        self.row = torch.ones(vocab_size, device=device)
+        self.row[eos_id] = 0.0
+
+    def log_probs(self, history: Tensor, step: int) -> Tensor:
+        return self.row.expand(history.shape[0], -1)
+
+    def select(self, parents: Tensor | None, tokens: Tensor) -> None:
+        pass
+
+    def keep(self, rows: Tensor) -> None:
+        pass
 
 
 def default_scorers(model: SpeechTransformer, memory: Tensor, mem_lengths: Tensor, options: DecodeOptions,
@@ -359,7 +382,7 @@ def _weigh(total: Tensor | None, weight: float, scores: Tensor) -> Tensor:
 def pre_beam_size(options: DecodeOptions, vocab_size: int, scorers: Sequence[Scorer]) -> int:
     """How many tokens per hypothesis the partial scorers score: ``ctc_candidates`` (0: 1.5 x the
     beam, at least 2), or every token when the full scorers have no weight to rank them by."""
-    if all(s.weight == 0 for s in scorers if not s.partial):
+    if all(s.weight == 0 for s in scorers if not s.partial and s.ranks):
         return vocab_size
     return min(vocab_size, options.ctc_candidates or max(2, int(1.5 * options.beam_size)))
 

@@ -77,6 +77,10 @@ class TranscribeOptions:
     compression_ratio_threshold: float | None = None
     language: str | None = None
     task: Literal["transcribe", "translate"] | None = None
+    # shallow fusion: a language model folder (``speechformer lm train``) as one more full scorer
+    lm: str | None = None
+    lm_weight: float = 0.0
+    lm_bonus: float = 0.0
 
     def replace(self, **changes: Any) -> "TranscribeOptions":
         """A copy with ``changes``: fields of this object or of its ``decode`` (``beam_size=4``).
@@ -110,6 +114,13 @@ class TranscribeOptions:
         if d.decoder == "ctc" and d.beam_size != 1:
             raise UserError(f"{name('decoder')} ctc", "is greedy decoding, with no beam",
                             f"drop {name('beam_size')} (or use {name('decoder')} joint for a beam search)")
+        if self.lm is not None and d.decoder == "ctc":
+            raise UserError(f"{name('lm')} {self.lm}", f"needs a search to join, and {name('decoder')} ctc is greedy "
+                            "over CTC labels alone", f"use {name('decoder')} attention or joint, or drop {name('lm')}")
+        for setting in ("lm_weight", "lm_bonus"):
+            if self.lm is None and getattr(self, setting) != 0:
+                raise UserError(name(setting), f"applies with {name('lm')} (none given)",
+                                f"add {name('lm')} DIR, or drop the flag")
         if bundle is not None:
             _check_model(self, bundle, name)
 
@@ -205,6 +216,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "num_threads": _AT_LEAST_1,
     "no_speech_threshold": (lambda v: 0.0 <= v <= 1.0, "must be a probability in [0, 1]", "give 0 to 1, or off"),
     "compression_ratio_threshold": _POSITIVE,
+    "lm_weight": (_AT_LEAST_0[0], "must be at least 0", "give 0 (the LM only vetoes) or more, such as 0.3"),
 }
 
 #: Settings of joint decoding only: given with another decoder they would do nothing.
@@ -262,6 +274,10 @@ HELP: dict[str, str] = {
                                    "back (default: 2.4 for Whisper, off for other models)",
     "language": "Whisper multilingual models: language code (default: the one given at import)",
     "task": "Whisper multilingual models: transcribe, or translate into English (default: the one given at import)",
+    "lm": "a language model folder (`speechformer lm train`, on this model's tokenizer) joining the search as a "
+          "full scorer (shallow fusion; --decoder attention or joint)",
+    "lm_weight": "--lm: weight of the LM's log-probability in each hypothesis's score",
+    "lm_bonus": "--lm: score added per emitted token (not the end), against the LM's bias to short transcripts",
 }
 
 

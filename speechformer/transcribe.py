@@ -24,6 +24,7 @@ import gzip
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from .atomic import atomic_write, atomic_write_text
 from .audio import AudioError, SilentAudio, audio_info, load_audio, split_long_audio
-from .decoding import DecodeOptions, Hypothesis, decode
+from .decoding import DecodeOptions, Hypothesis, LengthBonus, LMScorer, Scorer, decode
 from .errors import UserError
 from .fastpath import tune_for_inference
 from .frontend import WHISPER_WINDOW_SECONDS
@@ -339,6 +340,33 @@ class Transcriber:
         self.chunk_seconds = options.chunk_length(bundle)
         # files longer than this are read block by block, so memory does not grow with length
         self.stream_seconds = max(options.stream_seconds, 4 * self.chunk_seconds)
+        self.decode_options = options.decode
+        self.lm = self._load_lm(options.lm) if options.lm is not None else None
+
+    def _load_lm(self, lm_path: str) -> Any:
+        """The ``--lm`` folder, on this device, once: refused in one line if its pieces are not the
+        model's. The LM reads one position per token, so a window decodes at most its positions
+        (``max_len`` 0, the model's table, becomes that; a larger ``--max-len`` is refused)."""
+        from .lm import load_lm_for_model
+
+        lm = load_lm_for_model(lm_path, self.bundle.tokenizer, "the model", self.device).model
+        positions, d = lm.config.max_positions, self.options.decode
+        if d.max_len > positions:
+            raise UserError(f"--max-len {d.max_len}", f"more tokens than the LM {lm_path} has positions ({positions})",
+                            f"give --max-len {positions} or less")
+        self.decode_options = dataclasses.replace(d, max_len=d.max_len or positions)
+        return lm
+
+    def _scorers(self, utterances: int) -> list[Scorer]:
+        """The scorers a batch of ``utterances`` adds to the decoder's: the LM (``--lm``) and its length bonus."""
+        if self.lm is None:
+            return []
+        rows, c = utterances * self.options.decode.beam_size, self.lm.config
+        scorers: list[Scorer] = [LMScorer(self.lm, rows, [c.bos_id], self.options.lm_weight, self.device)]
+        if self.options.lm_bonus:
+            scorers.append(LengthBonus(self.model.config.vocab_size, self.rules.eos_id, self.options.lm_bonus,
+                                       self.device))
+        return scorers
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **overrides: Any
@@ -521,7 +549,7 @@ class Transcriber:
         # bf16: matmuls in bfloat16 (AMX/AVX512-BF16 CPUs, GPUs), features and softmax in float32
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.precision == "bf16"):
             memory, mem_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device))
-            hyps = decode(self.model, memory, mem_lengths, self.options.decode, self.rules)
+            hyps = decode(self.model, memory, mem_lengths, self.decode_options, self.rules, self._scorers(len(live)))
             log_probs = self.model.ctc_log_probs(memory).cpu() if self.timing == "ctc" else None
         for row, (i, hyp) in enumerate(zip(live, hyps)):
             tokens = self._kept(hyp)

@@ -211,3 +211,76 @@ def test_lm_command_errors_are_one_line_naming_the_file(grammar_lm, untrained_mo
         assert main(argv) == 2, argv
         line = _error_line(capsys)
         assert expected in line and "; " in line, line
+
+
+# ---------------------------------------------------------------------------- shallow fusion (--lm)
+@pytest.fixture(scope="module")
+def fusion(untrained_model, tmp_path_factory) -> dict:
+    """An untrained, peaked LM over the untrained model's own pieces (built in a second), two
+    recordings and a manifest of them."""
+    import numpy as np
+    import soundfile as sf
+
+    from speechformer.lm import export_lm
+    from speechformer.transcribe import load_model
+
+    d = tmp_path_factory.mktemp("fusion")
+    tokenizer = load_model(untrained_model["model"]).tokenizer
+    torch.manual_seed(1)
+    lm = LanguageModel(LMConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2, d_ff=64, n_layers=1,
+                                dropout=0.0)).eval()
+    with torch.no_grad():
+        lm.embedding.weight.mul_(30.0)  # tied logits: a peaked LM, which a weight of 5 lets decide
+    export_lm(lm, tokenizer, d / "lm")
+    rng = np.random.default_rng(0)
+    wavs = []
+    for i, seconds in enumerate((0.6, 0.9)):
+        wavs.append(d / f"u{i}.wav")
+        sf.write(wavs[-1], (0.3 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+    manifest = write_lines(d / "test.jsonl", [json.dumps({"id": w.stem, "audio": str(w), "duration": 0.5,
+                                                          "text": "the cat"}) for w in wavs])
+    return {"model": str(untrained_model["model"]), "lm": str(d / "lm"), "wavs": [str(w) for w in wavs],
+            "manifest": str(manifest), "dir": d}
+
+
+def _transcripts(fusion, capsys, *flags: str) -> str:
+    assert main(["transcribe", "--model", fusion["model"], "--quiet", "--beam-size", "2", *flags,
+                 *fusion["wavs"]]) == 0
+    return capsys.readouterr().out
+
+
+def _evaluated(fusion, out: str, *flags: str) -> list[str]:
+    assert main(["evaluate", "--model", fusion["model"], "--manifest", fusion["manifest"], "--quiet",
+                 "--out", str(fusion["dir"] / out), *flags]) == 0
+    return sorted((fusion["dir"] / out / "utterances.tsv").read_text(encoding="utf-8").splitlines())
+
+
+def test_lm_with_weight_0_transcribes_and_evaluates_as_without_it_and_a_strong_lm_changes_the_text(fusion, capsys):
+    """--lm with --lm-weight 0 only vetoes (it forbids nothing): the text is exactly the text without
+    --lm, in transcribe and evaluate; at weight 5 the LM's choice wins and the text is another."""
+    plain = _transcripts(fusion, capsys)
+    assert _transcripts(fusion, capsys, "--lm", fusion["lm"], "--lm-weight", "0") == plain
+    assert _transcripts(fusion, capsys, "--lm", fusion["lm"], "--lm-weight", "5") != plain
+    assert _evaluated(fusion, "plain") == _evaluated(fusion, "w0", "--lm", fusion["lm"], "--lm-weight", "0")
+    assert _evaluated(fusion, "plain") != _evaluated(fusion, "w5", "--lm", fusion["lm"], "--lm-weight", "5",
+                                                     "--lm-bonus", "1")
+
+
+def test_lm_flags_are_refused_in_one_line_naming_the_flag(fusion, grammar_lm, capsys):
+    """--lm with greedy CTC (no search to join), a negative weight, a weight without --lm, and an
+    LM over other pieces than the model's: each one `error:` line naming the flag, nothing written."""
+    cases = [
+        (["--lm", fusion["lm"], "--decoder", "ctc"], "error: --lm "),
+        (["--lm", fusion["lm"], "--lm-weight", "-1"], "error: --lm-weight: must be at least 0"),
+        (["--lm-weight", "0.3"], "error: --lm-weight: applies with --lm"),
+        (["--lm", str(grammar_lm["lm"]), "--lm-weight", "0.3"],
+         "its tokenizer is not the one of the model (128 pieces against 40)"),
+        (["--lm", fusion["lm"], "--max-len", "1000"], "error: --max-len 1000: more tokens than the LM"),
+    ]
+    for flags, expected in cases:
+        for command in (["transcribe", *fusion["wavs"]],
+                        ["evaluate", "--manifest", fusion["manifest"], "--out", str(fusion["dir"] / "refused")]):
+            assert main([command[0], "--model", fusion["model"], "--quiet", *flags, *command[1:]]) == 2, flags
+            line = _error_line(capsys)
+            assert expected in line and "; " in line, line
+            assert not (fusion["dir"] / "refused" / "summary.json").exists()

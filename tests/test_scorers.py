@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from speechformer.decoding import (DecodeOptions, LMScorer, SuppressTokens, apply_filters, beam_search, decode,
-                                   default_rules, logit_filters, search)
+from speechformer.decoding import (DecodeOptions, LengthBonus, LMScorer, SuppressTokens, apply_filters, beam_search,
+                                   decode, default_rules, logit_filters, pre_beam_size, search)
 from speechformer.model import ModelConfig, SpeechTransformer
 from speechformer.tokenizer import DecodeRules
 
@@ -41,9 +41,10 @@ class TrigramLM:
         self.a, self.b = a, torch.zeros_like(a) if b is None else b  # [V, V]: row = last / the one before
 
     def step(self, tokens: torch.Tensor, cache: "TrigramLM.Cache | None"):
-        before = tokens[:, -1] if cache is None else cache.last
-        log_probs = (self.a[tokens[:, -1]] + self.b[before]).log_softmax(-1)
-        return log_probs, TrigramLM.Cache(tokens[:, -1])
+        last = tokens[:, -1] if tokens.dim() == 2 else tokens  # the prompt [N, L], then one token per row [N]
+        before = last if cache is None else cache.last
+        log_probs = (self.a[last] + self.b[before]).log_softmax(-1)
+        return log_probs, TrigramLM.Cache(last)
 
     def score(self, tokens: list[int], bos: int) -> float:
         seq = [bos, bos] + tokens
@@ -98,6 +99,32 @@ def test_lm_fusion_scores_each_hypothesis_by_decoder_plus_weighted_lm():
                     scorers=[lm_scorer(TrigramLM(table), model, 3, 1, 1.0)])
     assert all(h.tokens == [7] * 6 for h in insist)
     assert all(h.tokens != [7] * 6 for h in decode(model, memory, lengths, DecodeOptions(max_len=6)))
+
+
+@torch.no_grad()
+def test_length_bonus_adds_its_weight_per_token_and_nothing_for_the_end():
+    """``LengthBonus`` (``--lm-bonus``): each result scores the decoder's log-probability plus the
+    bonus per emitted token, the end token not counted; a large bonus keeps every hypothesis going
+    to its limit."""
+    model = tiny_model()
+    memory, lengths = memory_of(model)
+    c = model.config
+    mask = model.memory_mask(lengths, memory.shape[1])
+    for bonus, options in ((0.5, DecodeOptions(beam_size=3, max_len=8)), (100.0, DecodeOptions(max_len=6))):
+        hyps = search(model, memory, lengths, options, scorers=[LengthBonus(V, c.eos_id, bonus)])
+        for row, h in enumerate(hyps):
+            logits = model.decode(torch.tensor([[c.bos_id] + h.tokens]), memory[row:row + 1],
+                                  None if mask is None else mask[row:row + 1])
+            logits[..., [c.blank_id, c.bos_id]] = float("-inf")
+            target = h.tokens + ([c.eos_id] if len(h.tokens) < options.max_len else [])
+            att = float(logits[0, :len(target)].log_softmax(-1).gather(1, torch.tensor([target]).T).sum())
+            assert abs(h.logprob - (att + bonus * len(h.tokens))) < 1e-3
+    assert all(len(h.tokens) == 6 for h in hyps)
+    # CTC alone (--ctc-weight 1) with a bonus: the bonus ranks nothing, so CTC still scores every token
+    joint = DecodeOptions(beam_size=3, decoder="joint", ctc_weight=1.0)
+    bonus = LengthBonus(V, c.eos_id, 1.0)
+    assert pre_beam_size(joint, V, [lm_scorer(random_lm(), model, 3, 3, 0.0), bonus]) == V
+    assert pre_beam_size(joint, V, [lm_scorer(random_lm(), model, 3, 3, 0.5), bonus]) < V
 
 
 def test_logit_filters_are_the_rules_of_the_tokenizer():
