@@ -224,7 +224,7 @@ def test_onnx_transcriber_without_torch_gives_pytorch_greedy_text(exported, tmp_
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     texts = run.stdout.splitlines()
-    expected = [r.text for r in Transcriber(load_model(exported.folder), "cpu").transcribe(files)]
+    expected = [r.text for r in Transcriber(load_model(exported.folder), device="cpu").transcribe(files)]
     assert texts == expected
     assert len(texts) == len(files) and any(texts)  # text, not empty lines
     blocked = subprocess.run([sys.executable, "-c", NO_TORCH.replace("from speechformer.onnx_runtime import main; "
