@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .atomic import atomic_write, atomic_write_text
 from .errors import UserError
 from .model import DecoderLayer, DecoderState, KVCache, SinusoidalPositions, TokenEmbedding
-from .model.config import _checked_value
+from .model.config import _checked_value, check_layer_settings
 from .model.layers import Dropout
 from .tokenizer import BOS_ID, EOS_ID, MODEL_FILE, Tokenizer, load_tokenizer
 
@@ -66,14 +66,7 @@ class LMConfig:
     eos_id: int = EOS_ID
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"lm config: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        for name in ("d_model", "n_heads", "d_ff", "n_layers", "max_positions"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"lm config: {name} must be positive, got {getattr(self, name)}")
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"lm config: {name} must be in [0, 1), got {getattr(self, name)}")
+        check_layer_settings(self, "lm config", ("d_model", "n_heads", "d_ff", "n_layers", "max_positions"))
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"lm config: activation must be relu or gelu, got {self.activation!r}")
 

@@ -85,14 +85,7 @@ class ModelConfig:
     eos_id: int = 3
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model config: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        for name in ("d_model", "n_heads", "d_ff", "n_mels", "sample_rate"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
+        check_layer_settings(self, "model config", ("d_model", "n_heads", "d_ff", "n_mels", "sample_rate"))
         if not 0.0 <= self.ctc_weight <= 1.0:
             raise ValueError(f"model config: ctc_weight must be in [0, 1], got {self.ctc_weight}")
         if self.encoder not in ("transformer", "conformer"):
@@ -169,6 +162,20 @@ class ModelConfig:
 
 
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def check_layer_settings(config: Any, label: str, positive: tuple[str, ...]) -> None:
+    """What every stack of attention layers needs of its settings (the acoustic model's and the
+    language model's): heads that divide the width, ``positive`` sizes above 0, dropouts in [0, 1).
+    A ``ValueError`` starts with ``label`` and names the setting."""
+    if config.d_model % config.n_heads:
+        raise ValueError(f"{label}: d_model={config.d_model} must be divisible by n_heads={config.n_heads}")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{label}: {name} must be positive, got {getattr(config, name)}")
+    for name in ("dropout", "attention_dropout", "activation_dropout"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{label}: {name} must be in [0, 1), got {getattr(config, name)}")
 
 
 def _checked_value(name: str, hint: Any, value: Any) -> Any:
