@@ -7,7 +7,6 @@ Every failure ends as :mod:`speechformer.errors` says.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
 from pathlib import Path
