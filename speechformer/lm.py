@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .atomic import atomic_write, atomic_write_text
 from .errors import UserError
 from .model import DecoderLayer, DecoderState, KVCache, SinusoidalPositions, TokenEmbedding
-from .model.config import _checked_value, check_layer_settings
+from .model.config import check_layer_settings, settings_from_dict
 from .model.layers import Dropout
 from .tokenizer import BOS_ID, EOS_ID, MODEL_FILE, Tokenizer, load_tokenizer
 
@@ -76,18 +76,7 @@ class LMConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "LMConfig":
         """The settings a config.json stores, each checked (a ``ValueError`` names the setting)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"lm config: expected an object of settings, got {type(data).__name__}")
-        hints = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(data) - set(hints))
-        if unknown:
-            raise ValueError(f"lm config: unknown keys {unknown}")
-        kinds = {"int": int, "float": float, "str": str}
-        try:
-            checked = {k: _checked_value(k, kinds[hints[k]], v) for k, v in data.items()}
-        except ValueError as err:  # the acoustic model's checker names its own config
-            raise ValueError(str(err).replace("model config:", "lm config:", 1)) from None
-        return cls(**checked)
+        return settings_from_dict(cls, data, "lm config")
 
 
 class LanguageModel(nn.Module):

@@ -132,13 +132,7 @@ class ModelConfig:
         outside a setting's choices is a ``ValueError`` naming the setting; the dataclass alone
         would fail later with a ``TypeError`` deep inside the model.
         """
-        if not isinstance(data, dict):
-            raise ValueError(f"model config: expected an object of settings, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"model config: unknown keys {unknown}")
-        hints = get_type_hints(cls)
-        return cls(**{name: _checked_value(name, hints[name], value) for name, value in data.items()})
+        return settings_from_dict(cls, data, "model config")
 
     @classmethod
     def whisper(cls, n_mels: int, n_audio_ctx: int, n_audio_state: int, n_audio_head: int,
@@ -178,16 +172,29 @@ def check_layer_settings(config: Any, label: str, positive: tuple[str, ...]) -> 
             raise ValueError(f"{label}: {name} must be in [0, 1), got {getattr(config, name)}")
 
 
-def _checked_value(name: str, hint: Any, value: Any) -> Any:
+def settings_from_dict(cls: Any, data: Any, label: str) -> Any:
+    """The dataclass ``cls`` from stored settings, every key known and every value of its type
+    (a ``ValueError`` starting with ``label`` names the setting): the acoustic model's and the
+    language model's configs alike."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{label}: expected an object of settings, got {type(data).__name__}")
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{label}: unknown keys {unknown}")
+    hints = get_type_hints(cls)
+    return cls(**{name: _checked_value(name, hints[name], value, label) for name, value in data.items()})
+
+
+def _checked_value(name: str, hint: Any, value: Any, label: str = "model config") -> Any:
     """``value`` if it fits the setting's type (an int where a float is asked becomes a float)."""
     if get_origin(hint) is Literal:
         choices = get_args(hint)
         if isinstance(value, str) and value in choices:
             return value
-        raise ValueError(f"model config: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise ValueError(f"{label}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     fits = {bool: isinstance(value, bool), int: is_number and isinstance(value, int), float: is_number,
             str: isinstance(value, str)}[hint]
     if not fits:
-        raise ValueError(f"model config: {name} must be {_KINDS[hint]}, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{label}: {name} must be {_KINDS[hint]}, got {value!r} ({type(value).__name__})")
     return float(value) if hint is float else value
