@@ -336,131 +336,33 @@ def _load_transcriber(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return Transcriber(bundle, options, args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"))
 
 
-RERUN_RESUME = "re-run with --resume"  # a full disk mid-run: the finished files are kept
-
-
-def _transcribe_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """What to transcribe: files/folders/globs, or the utterances (segments) of a manifest.
-
-    Returns the items in order, the results of those already known to fail (a missing path, a
-    link loop, a pattern that matches nothing: reported per file like an unreadable one), and
-    whether the keys are file paths."""
-    from .audio import find_audio_paths
-    from .data import read_manifest
-    from .transcribe import AudioItem, TranscriptResult
-
-    if args.manifest:
-        if args.inputs:
-            raise ValueError("give audio inputs or --manifest, not both")
-        utts = read_manifest(args.manifest, require_text=False)
-        return [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utts], {}, False
-    if not args.inputs:
-        raise ValueError("nothing to transcribe: give audio files, folders or globs (or --manifest)")
-    items, bad = [], {}
-    for p in find_audio_paths(args.inputs):
-        if isinstance(p, Path):
-            items.append(AudioItem(str(p), p))
-        elif p.path not in bad:  # the same bad path twice is one failure
-            bad[p.path] = TranscriptResult(p.path, Path(p.path), error=str(p))
-            items.append(AudioItem(p.path, Path(p.path)))
-    return items, bad, True
-
-
-def _check_transcribe_outputs(args: argparse.Namespace, items, names: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
-    """Before the model loads: no output replaces an input (or the manifest) or an existing audio file."""
-    from .outputs import check_output_files, prepare_output_dir
-
-    inputs = [it.path for it in items] + ([args.manifest] if args.manifest else [])
-    if args.output and args.output != "-":
-        check_output_files([args.output], inputs, flag="--output",
-                           give=f"a new .{'txt' if args.format == 'text' else args.format} path")
-    if args.output_dir:
-        prepare_output_dir(args.output_dir, inputs, flag="--output-dir")
-        check_output_files((_per_file_output(args, names[it.key]) for it in items), inputs, flag="--output-dir",
-                           give="another --output-dir")
-
-
-def _per_file_output(args: argparse.Namespace, name: str) -> Path:
-    """``--output-dir``'s file for one input: NAME.txt, or NAME.srt / NAME.vtt."""
-    from .outputs import SUBTITLE_FORMATS
-
-    ext = args.format if args.format in SUBTITLE_FORMATS else "txt"
-    return Path(args.output_dir) / f"{name}.{ext}"
-
-
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    """Transcribe; with --output/--output-dir every finished file is journalled at once, so a
-    killed run re-run with --resume only decodes what is missing."""
-    from .atomic import atomic_write_text
-    from .outputs import SUBTITLE_FORMATS, TranscriptJournal, format_results, output_names, subtitle_text
+    """Inputs, then where their results go (both checked before the model loads), then the
+    Transcriber: each result is written (and journalled) as it comes."""
+    from .outputs import TranscriptWriter
+    from .transcribe import collect_inputs
 
-    items, bad, from_files = _transcribe_items(args)
-    subtitles = args.format in SUBTITLE_FORMATS
-    if subtitles and len(items) > 1 and not args.output_dir:
-        raise ValueError(f"--format {args.format} writes one subtitle file per audio file: give --output-dir for "
-                         f"{len(items)} files (or transcribe one file)")
-    to_file = bool(args.output and args.output != "-")
-    if args.resume and not (to_file or args.output_dir):
-        raise ValueError("--resume needs --output FILE or --output-dir DIR (where the finished work is kept)")
-    names = output_names([it.key for it in items], stems=from_files) if args.output_dir else {}
-    _check_transcribe_outputs(args, items, names)
-    journal = None
-    if to_file or args.output_dir:
-        where = Path(args.output_dir) / ".speechformer-progress.jsonl" if args.output_dir else \
-            Path(args.output).with_name(Path(args.output).name + ".progress.jsonl")
-        journal = TranscriptJournal(where, resume=args.resume)
-        if args.resume:
-            print(f"transcribe: resuming, {sum(it.key in journal.done for it in items)} of {len(items)} "
-                  "already done", file=sys.stderr)
-    done = journal.done if journal is not None else {}
-    todo = [it for it in items if it.key not in done and it.key not in bad]
-    transcriber = _load_transcriber(args) if todo else None
-    failed = 0
-
-    def finished(result) -> None:  # type: ignore[no-untyped-def]
-        nonlocal failed
-        if not result.ok:
-            failed += 1
-            print(f"error: {result.error}", file=sys.stderr)
-            return
-        if args.output_dir:
-            text = subtitle_text(result, args.format) if subtitles else result.text + "\n"
-            atomic_write_text(_per_file_output(args, names[result.key]), text, rerun=RERUN_RESUME)
-        if journal is not None:
-            journal.record(result)
-
-    for result in bad.values():
-        finished(result)
-    fresh = {r.key: r for r in (transcriber.transcribe_items(
-        todo, progress=not args.quiet and sys.stderr.isatty(), on_result=finished,
-        window=args.flush_every if journal is not None else 256) if transcriber else [])}
-    results = [done.get(it.key) or bad.get(it.key) or fresh[it.key] for it in items]
-    if not (subtitles and len(items) > 1):
-        text = format_results(results, args.format)
-        if to_file:
-            atomic_write_text(args.output, text, rerun=RERUN_RESUME)
-        else:
-            sys.stdout.write(text)
-    if journal is not None:
-        journal.close(finished=not failed)
-    if failed:
-        print(f"transcribe: {len(results) - failed} of {len(results)} file(s) transcribed, {failed} failed"
-              + (" (re-run with --resume to retry only those)" if journal is not None else ""), file=sys.stderr)
-        return 1
-    return 0
+    inputs = collect_inputs(args.inputs, args.manifest)
+    writer = TranscriptWriter(inputs, args.format, args.output, args.output_dir, resume=args.resume,
+                              flush_every=args.flush_every)
+    if writer.todo:
+        transcriber = _load_transcriber(args)
+        for result in transcriber.transcribe_items(writer.todo, progress=not args.quiet and sys.stderr.isatty(),
+                                                   window=writer.window):
+            writer.add(result)
+    return writer.finish()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import read_manifest
     from .metrics import format_summary, score, write_report
     from .outputs import prepare_output_dir
-    from .transcribe import AudioItem
+    from .transcribe import utterance_items
 
     utts = read_manifest(args.manifest)
     prepare_output_dir(args.out, [args.manifest], flag="--out")
     transcriber = _load_transcriber(args)
-    items = [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utts]
-    results = list(transcriber.transcribe_items(items, progress=not args.quiet and sys.stderr.isatty()))
+    results = list(transcriber.transcribe_items(utterance_items(utts), progress=not args.quiet and sys.stderr.isatty()))
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"error: {r.error} (scored as an empty hypothesis)", file=sys.stderr)
