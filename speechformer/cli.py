@@ -340,7 +340,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     """Inputs, then where their results go (both checked before the model loads), then the
     Transcriber: each result is written (and journalled) as it comes."""
     from .outputs import TranscriptWriter
-    from .transcribe import collect_inputs
+    from .inputs import collect_inputs
 
     inputs = collect_inputs(args.inputs, args.manifest)
     writer = TranscriptWriter(inputs, args.format, args.output, args.output_dir, resume=args.resume,
@@ -357,7 +357,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import read_manifest
     from .metrics import format_summary, score, write_report
     from .outputs import prepare_output_dir
-    from .transcribe import utterance_items
+    from .inputs import utterance_items
 
     utts = read_manifest(args.manifest)
     prepare_output_dir(args.out, [args.manifest], flag="--out")

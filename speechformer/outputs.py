@@ -28,7 +28,8 @@ import soundfile as sf
 from .atomic import atomic_write_text
 from .audio import AUDIO_EXTENSIONS
 from .timestamps import Segment, Word, format_srt, format_vtt, segment_cues, words_to_cues
-from .transcribe import AudioItem, Inputs, TranscriptResult
+from .inputs import Inputs
+from .transcribe import AudioItem, TranscriptResult
 
 SUBTITLE_FORMATS = ("srt", "vtt")
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')

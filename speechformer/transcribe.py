@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .atomic import atomic_write, atomic_write_text
-from .audio import AudioError, SilentAudio, audio_info, find_audio_paths, load_audio, split_long_audio
+from .audio import AudioError, SilentAudio, audio_info, load_audio, split_long_audio
 from .decoding import DecodeOptions, Hypothesis, LengthBonus, LMScorer, Scorer, decode
 from .errors import UserError
 from .fastpath import tune_for_inference
@@ -269,52 +269,6 @@ class AudioItem:
     path: Path
     offset: float = 0.0
     duration: float | None = None
-
-
-def utterance_items(utterances: Iterable[Any]) -> list[AudioItem]:
-    """A manifest's utterances as items, keyed by id (a segment, one with an offset, reads only its duration)."""
-    return [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utterances]
-
-
-@dataclass
-class Inputs:
-    """What one ``speechformer transcribe`` run reads, collected before any model is loaded.
-
-    ``items`` in order; ``failed``, by key, the results of those already known to fail (a missing
-    path, a link loop, a pattern that matches nothing: reported per file, like an unreadable
-    one, while the rest are transcribed); ``from_files``: the keys are file paths (an output
-    file is named after its stem), not a manifest's ids."""
-
-    items: list[AudioItem]
-    failed: dict[str, "TranscriptResult"]
-    from_files: bool
-    manifest: str | None = None
-
-    @property
-    def sources(self) -> list[str | Path]:
-        """Every file the run reads (the audio and the manifest): no output may replace one."""
-        return [it.path for it in self.items] + ([self.manifest] if self.manifest else [])
-
-
-def collect_inputs(paths: Sequence[str | Path] = (), manifest: str | None = None) -> Inputs:
-    """The audio files, folders and globs of ``paths`` (:func:`~speechformer.audio.find_audio_paths`),
-    or the utterances (segments) of a JSONL ``manifest``; one or the other."""
-    if manifest:
-        if paths:
-            raise ValueError("give audio inputs or --manifest, not both")
-        from .data import read_manifest
-
-        return Inputs(utterance_items(read_manifest(manifest, require_text=False)), {}, False, manifest)
-    if not paths:
-        raise ValueError("nothing to transcribe: give audio files, folders or globs (or --manifest)")
-    items, failed = [], {}
-    for p in find_audio_paths(paths):
-        if isinstance(p, Path):
-            items.append(AudioItem(str(p), p))
-        elif p.path not in failed:  # the same bad path twice is one failure
-            failed[p.path] = TranscriptResult(p.path, Path(p.path), error=str(p))
-            items.append(AudioItem(p.path, Path(p.path)))
-    return Inputs(items, failed, True)
 
 
 @dataclass
