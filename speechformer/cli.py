@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import DEBUG_ENV, DEBUG_FLAG, Command, UserError, debug_requested, run_reporting
 
@@ -54,19 +54,27 @@ class HelpParser(argparse.ArgumentParser):
     ``options="transcribe"`` gives a sub-command the flags of that command's transcription
     options, made from :class:`~speechformer.options.TranscribeOptions` when the sub-command is
     parsed (reading the dataclasses imports torch, which ``speechformer --help`` and the other
-    commands do without)."""
+    commands do without); ``options=add_flags`` (a function of the parser) adds other flags
+    made from dataclasses, as late."""
 
-    def __init__(self, *args, options: str | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, options: str | Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs) -> None:  # type: ignore[no-untyped-def]
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._options_of = options
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
-        if self._options_of is not None:
+    def add_late_flags(self) -> None:
+        """Add the flags made from dataclasses (once): when this sub-command is parsed, or its help checked."""
+        if callable(self._options_of):
+            self._options_of(self)
+        elif self._options_of is not None:
             from .options import add_option_flags, command_options
 
             add_option_flags(self, command_options(self._options_of))
-            self._options_of = None
+        self._options_of = None
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        self.add_late_flags()
         return super().parse_known_args(args, namespace)
 
 
@@ -429,11 +437,9 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
     from .outputs import prepare_output_dir
 
     prepare_output_dir(args.out, [args.text, args.tokenizer] + [args.valid_text] * bool(args.valid_text), flag="--out")
-    config = LMConfig(d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff, n_layers=args.n_layers,
-                      dropout=args.dropout, max_positions=args.max_positions)
-    training = LMTraining(max_epochs=args.max_epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                          lr=args.lr, warmup_steps=args.warmup_steps, accelerator=args.accelerator,
-                          precision=args.precision, seed=args.seed, progress=not args.quiet and sys.stderr.isatty())
+    config = LMConfig(**{n: getattr(args, n) for n in LM_MODEL_FLAGS})
+    training = LMTraining(**{n: getattr(args, n) for n in LM_TRAINING_FLAGS},
+                          progress=not args.quiet and sys.stderr.isatty())
     summary = train_lm(args.text, args.tokenizer, args.out, config, training, args.valid_text)
     ppl = summary["valid_perplexity"]
     print(f"lm train: {summary['train_sentences']} sentences, {summary['steps']} steps in "
@@ -462,31 +468,56 @@ def cmd_lm_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``lm train``'s flags, by field of :class:`~speechformer.lm.LMConfig` (the model's sizes) and of
+#: :class:`~speechformer.lm_train.LMTraining` (the loop), with their helps; each flag's type and
+#: default are the field's own (:func:`_lm_train_flags`), so they are written once.
+LM_TRAINING_FLAGS = {
+    "max_epochs": "passes over the text",
+    "max_steps": "stop after this many steps instead (> 0)",
+    "batch_size": "sentences per batch",
+    "lr": "peak learning rate (AdamW, warmup then cosine)",
+    "warmup_steps": "steps of linear warmup",
+    "accelerator": "Lightning accelerator: auto, cpu, gpu",
+    "precision": "Lightning precision: 32-true, bf16-mixed, ...",
+    "seed": "random seed (weights, data order, dropout)",
+}
+LM_MODEL_FLAGS = {
+    "d_model": "width of the layers",
+    "n_heads": "attention heads",
+    "d_ff": "feed-forward width",
+    "n_layers": "decoder layers (causal self-attention + feed-forward)",
+    "dropout": "dropout on embeddings and block outputs",
+    "max_positions": "longest sentence in pieces, <s> included",
+}
+
+
+def _lm_train_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of :data:`LM_TRAINING_FLAGS` and :data:`LM_MODEL_FLAGS`, typed and defaulted by
+    their dataclass fields (added when ``lm train`` is parsed: the dataclasses import torch)."""
+    import dataclasses
+
+    from .lm import LMConfig
+    from .lm_train import LMTraining
+    from .options import flag_name
+
+    for cls, flags in ((LMTraining, LM_TRAINING_FLAGS), (LMConfig, LM_MODEL_FLAGS)):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, text in flags.items():
+            parser.add_argument(flag_name(name), type=type(defaults[name]), default=defaults[name], help=text)
+
+
 def add_lm_commands(sub: argparse._SubParsersAction) -> None:
     """``lm train|complete|perplexity``: the language model (the decoder stack alone, speechformer/lm.py)."""
     lm = sub.add_parser("lm", help="a language model over a tokenizer's pieces: train, complete a prompt, "
                         "perplexity")
     lm_sub = lm.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
-    t = lm_sub.add_parser("train", help="train a language model on text (one sentence a line) with Lightning")
+    t = lm_sub.add_parser("train", help="train a language model on text (one sentence a line) with Lightning",
+                          options=_lm_train_flags)
     t.add_argument("--text", required=True, help="training text, one sentence a line (.txt or .txt.gz)")
     t.add_argument("--tokenizer", required=True, help="tokenizer folder (the acoustic model's, e.g. EXP/tokenizer)")
     t.add_argument("--out", required=True, help="LM folder to write (config.json, model.safetensors, "
                    "tokenizer.model)")
     t.add_argument("--valid-text", default=None, help="held-out text: its perplexity after every epoch")
-    t.add_argument("--max-epochs", type=int, default=10, help="passes over the text")
-    t.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps instead (> 0)")
-    t.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warmup then cosine)")
-    t.add_argument("--warmup-steps", type=int, default=200, help="steps of linear warmup")
-    t.add_argument("--d-model", type=int, default=256, help="width of the layers")
-    t.add_argument("--n-heads", type=int, default=4, help="attention heads")
-    t.add_argument("--d-ff", type=int, default=1024, help="feed-forward width")
-    t.add_argument("--n-layers", type=int, default=4, help="decoder layers (causal self-attention + feed-forward)")
-    t.add_argument("--dropout", type=float, default=0.1, help="dropout on embeddings and block outputs")
-    t.add_argument("--max-positions", type=int, default=256, help="longest sentence in pieces, <s> included")
-    t.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
-    t.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, ...")
-    t.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, dropout)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_lm_train)
     c = lm_sub.add_parser("complete", help="continue a prompt with the likeliest piece, step by step (greedy)")
