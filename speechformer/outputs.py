@@ -306,7 +306,8 @@ class TranscriptWriter:
             self._add(result)
 
     def _add(self, result: TranscriptResult) -> None:
-        self.results[result.key] = result
+        # a file finished by an earlier run and gone since is counted as failed, and keeps its transcript
+        self.results.setdefault(result.key, result)
         if not result.ok:
             self.failed += 1
             print(f"error: {result.error}", file=sys.stderr)
