@@ -8,6 +8,7 @@ the median of the per-round ratios: a slow moment hits both sides of a round.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -22,6 +23,26 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "benchmarks" / "README.md"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def decoding_parser(description: str | None) -> argparse.ArgumentParser:
+    """The flags the decoding benchmarks share (decoding.py, decoding_search.py): rounds, threads,
+    tokens per utterance, batch sizes, and ``--quick``; read them back with :func:`decoding_args`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="8 tokens, 1 round (not recorded)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    return p
+
+
+def decoding_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed flags of :func:`decoding_parser`, with ``--quick``'s 8 tokens and 1 round."""
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.rounds = 8, 1
+    return args
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1

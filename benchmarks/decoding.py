@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved, markdown_table, median, ratio, record  # noqa: E402
+from common import decoding_args, decoding_parser, interleaved, markdown_table, median, ratio, record  # noqa: E402
 
 
 def build(args: argparse.Namespace):
@@ -68,15 +68,8 @@ def build(args: argparse.Namespace):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="8 tokens, 1 round (not recorded)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    args = p.parse_args()
-    if args.quick:
-        args.tokens, args.rounds = 8, 1
+    p = decoding_parser(__doc__)
+    args = decoding_args(p)
 
     import torch
     try:

@@ -15,14 +15,13 @@ Target: joint beam 5 at batch 16 no slower than before (new / old time <= 1.0).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved, markdown_table, median, ratio, record  # noqa: E402
+from common import decoding_args, decoding_parser, interleaved, markdown_table, median, ratio, record  # noqa: E402
 
 
 def load_old(path: Path):
@@ -34,16 +33,9 @@ def load_old(path: Path):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = decoding_parser(__doc__)
     p.add_argument("--old", type=Path, required=True, help="the previous speechformer/decoding.py")
-    p.add_argument("--quick", action="store_true", help="8 tokens, 1 round (not recorded)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    args = p.parse_args()
-    if args.quick:
-        args.tokens, args.rounds = 8, 1
+    args = decoding_args(p)
 
     import torch
 

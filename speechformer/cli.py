@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import DEBUG_ENV, DEBUG_FLAG, Command, UserError, debug_requested, run_reporting
 
@@ -54,19 +54,27 @@ class HelpParser(argparse.ArgumentParser):
     ``options="transcribe"`` gives a sub-command the flags of that command's transcription
     options, made from :class:`~speechformer.options.TranscribeOptions` when the sub-command is
     parsed (reading the dataclasses imports torch, which ``speechformer --help`` and the other
-    commands do without)."""
+    commands do without); ``options=add_flags`` (a function of the parser) adds other flags
+    made from dataclasses, as late."""
 
-    def __init__(self, *args, options: str | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, options: str | Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs) -> None:  # type: ignore[no-untyped-def]
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._options_of = options
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
-        if self._options_of is not None:
+    def add_late_flags(self) -> None:
+        """Add the flags made from dataclasses (once): when this sub-command is parsed, or its help checked."""
+        if callable(self._options_of):
+            self._options_of(self)
+        elif self._options_of is not None:
             from .options import add_option_flags, command_options
 
             add_option_flags(self, command_options(self._options_of))
-            self._options_of = None
+        self._options_of = None
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        self.add_late_flags()
         return super().parse_known_args(args, namespace)
 
 
@@ -336,131 +344,33 @@ def _load_transcriber(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return Transcriber(bundle, options, args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"))
 
 
-RERUN_RESUME = "re-run with --resume"  # a full disk mid-run: the finished files are kept
-
-
-def _transcribe_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """What to transcribe: files/folders/globs, or the utterances (segments) of a manifest.
-
-    Returns the items in order, the results of those already known to fail (a missing path, a
-    link loop, a pattern that matches nothing: reported per file like an unreadable one), and
-    whether the keys are file paths."""
-    from .audio import find_audio_paths
-    from .data import read_manifest
-    from .transcribe import AudioItem, TranscriptResult
-
-    if args.manifest:
-        if args.inputs:
-            raise ValueError("give audio inputs or --manifest, not both")
-        utts = read_manifest(args.manifest, require_text=False)
-        return [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utts], {}, False
-    if not args.inputs:
-        raise ValueError("nothing to transcribe: give audio files, folders or globs (or --manifest)")
-    items, bad = [], {}
-    for p in find_audio_paths(args.inputs):
-        if isinstance(p, Path):
-            items.append(AudioItem(str(p), p))
-        elif p.path not in bad:  # the same bad path twice is one failure
-            bad[p.path] = TranscriptResult(p.path, Path(p.path), error=str(p))
-            items.append(AudioItem(p.path, Path(p.path)))
-    return items, bad, True
-
-
-def _check_transcribe_outputs(args: argparse.Namespace, items, names: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
-    """Before the model loads: no output replaces an input (or the manifest) or an existing audio file."""
-    from .outputs import check_output_files, prepare_output_dir
-
-    inputs = [it.path for it in items] + ([args.manifest] if args.manifest else [])
-    if args.output and args.output != "-":
-        check_output_files([args.output], inputs, flag="--output",
-                           give=f"a new .{'txt' if args.format == 'text' else args.format} path")
-    if args.output_dir:
-        prepare_output_dir(args.output_dir, inputs, flag="--output-dir")
-        check_output_files((_per_file_output(args, names[it.key]) for it in items), inputs, flag="--output-dir",
-                           give="another --output-dir")
-
-
-def _per_file_output(args: argparse.Namespace, name: str) -> Path:
-    """``--output-dir``'s file for one input: NAME.txt, or NAME.srt / NAME.vtt."""
-    from .outputs import SUBTITLE_FORMATS
-
-    ext = args.format if args.format in SUBTITLE_FORMATS else "txt"
-    return Path(args.output_dir) / f"{name}.{ext}"
-
-
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    """Transcribe; with --output/--output-dir every finished file is journalled at once, so a
-    killed run re-run with --resume only decodes what is missing."""
-    from .atomic import atomic_write_text
-    from .outputs import SUBTITLE_FORMATS, TranscriptJournal, format_results, output_names, subtitle_text
+    """Inputs, then where their results go (both checked before the model loads), then the
+    Transcriber: each result is written (and journalled) as it comes."""
+    from .outputs import TranscriptWriter
+    from .inputs import collect_inputs
 
-    items, bad, from_files = _transcribe_items(args)
-    subtitles = args.format in SUBTITLE_FORMATS
-    if subtitles and len(items) > 1 and not args.output_dir:
-        raise ValueError(f"--format {args.format} writes one subtitle file per audio file: give --output-dir for "
-                         f"{len(items)} files (or transcribe one file)")
-    to_file = bool(args.output and args.output != "-")
-    if args.resume and not (to_file or args.output_dir):
-        raise ValueError("--resume needs --output FILE or --output-dir DIR (where the finished work is kept)")
-    names = output_names([it.key for it in items], stems=from_files) if args.output_dir else {}
-    _check_transcribe_outputs(args, items, names)
-    journal = None
-    if to_file or args.output_dir:
-        where = Path(args.output_dir) / ".speechformer-progress.jsonl" if args.output_dir else \
-            Path(args.output).with_name(Path(args.output).name + ".progress.jsonl")
-        journal = TranscriptJournal(where, resume=args.resume)
-        if args.resume:
-            print(f"transcribe: resuming, {sum(it.key in journal.done for it in items)} of {len(items)} "
-                  "already done", file=sys.stderr)
-    done = journal.done if journal is not None else {}
-    todo = [it for it in items if it.key not in done and it.key not in bad]
-    transcriber = _load_transcriber(args) if todo else None
-    failed = 0
-
-    def finished(result) -> None:  # type: ignore[no-untyped-def]
-        nonlocal failed
-        if not result.ok:
-            failed += 1
-            print(f"error: {result.error}", file=sys.stderr)
-            return
-        if args.output_dir:
-            text = subtitle_text(result, args.format) if subtitles else result.text + "\n"
-            atomic_write_text(_per_file_output(args, names[result.key]), text, rerun=RERUN_RESUME)
-        if journal is not None:
-            journal.record(result)
-
-    for result in bad.values():
-        finished(result)
-    fresh = {r.key: r for r in (transcriber.transcribe_items(
-        todo, progress=not args.quiet and sys.stderr.isatty(), on_result=finished,
-        window=args.flush_every if journal is not None else 256) if transcriber else [])}
-    results = [done.get(it.key) or bad.get(it.key) or fresh[it.key] for it in items]
-    if not (subtitles and len(items) > 1):
-        text = format_results(results, args.format)
-        if to_file:
-            atomic_write_text(args.output, text, rerun=RERUN_RESUME)
-        else:
-            sys.stdout.write(text)
-    if journal is not None:
-        journal.close(finished=not failed)
-    if failed:
-        print(f"transcribe: {len(results) - failed} of {len(results)} file(s) transcribed, {failed} failed"
-              + (" (re-run with --resume to retry only those)" if journal is not None else ""), file=sys.stderr)
-        return 1
-    return 0
+    inputs = collect_inputs(args.inputs, args.manifest)
+    writer = TranscriptWriter(inputs, args.format, args.output, args.output_dir, resume=args.resume,
+                              flush_every=args.flush_every)
+    if writer.todo:
+        transcriber = _load_transcriber(args)
+        for result in transcriber.transcribe_items(writer.todo, progress=not args.quiet and sys.stderr.isatty(),
+                                                   window=writer.window):
+            writer.add(result)
+    return writer.finish()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import read_manifest
     from .metrics import format_summary, score, write_report
     from .outputs import prepare_output_dir
-    from .transcribe import AudioItem
+    from .inputs import utterance_items
 
     utts = read_manifest(args.manifest)
     prepare_output_dir(args.out, [args.manifest], flag="--out")
     transcriber = _load_transcriber(args)
-    items = [AudioItem(u.id, u.audio, u.offset, u.duration if u.offset else None) for u in utts]
-    results = list(transcriber.transcribe_items(items, progress=not args.quiet and sys.stderr.isatty()))
+    results = list(transcriber.transcribe_items(utterance_items(utts), progress=not args.quiet and sys.stderr.isatty()))
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"error: {r.error} (scored as an empty hypothesis)", file=sys.stderr)
@@ -527,11 +437,9 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
     from .outputs import prepare_output_dir
 
     prepare_output_dir(args.out, [args.text, args.tokenizer] + [args.valid_text] * bool(args.valid_text), flag="--out")
-    config = LMConfig(d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff, n_layers=args.n_layers,
-                      dropout=args.dropout, max_positions=args.max_positions)
-    training = LMTraining(max_epochs=args.max_epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                          lr=args.lr, warmup_steps=args.warmup_steps, accelerator=args.accelerator,
-                          precision=args.precision, seed=args.seed, progress=not args.quiet and sys.stderr.isatty())
+    config = LMConfig(**{n: getattr(args, n) for n in LM_MODEL_FLAGS})
+    training = LMTraining(**{n: getattr(args, n) for n in LM_TRAINING_FLAGS},
+                          progress=not args.quiet and sys.stderr.isatty())
     summary = train_lm(args.text, args.tokenizer, args.out, config, training, args.valid_text)
     ppl = summary["valid_perplexity"]
     print(f"lm train: {summary['train_sentences']} sentences, {summary['steps']} steps in "
@@ -560,31 +468,56 @@ def cmd_lm_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``lm train``'s flags, by field of :class:`~speechformer.lm.LMConfig` (the model's sizes) and of
+#: :class:`~speechformer.lm_train.LMTraining` (the loop), with their helps; each flag's type and
+#: default are the field's own (:func:`_lm_train_flags`), so they are written once.
+LM_TRAINING_FLAGS = {
+    "max_epochs": "passes over the text",
+    "max_steps": "stop after this many steps instead (> 0)",
+    "batch_size": "sentences per batch",
+    "lr": "peak learning rate (AdamW, warmup then cosine)",
+    "warmup_steps": "steps of linear warmup",
+    "accelerator": "Lightning accelerator: auto, cpu, gpu",
+    "precision": "Lightning precision: 32-true, bf16-mixed, ...",
+    "seed": "random seed (weights, data order, dropout)",
+}
+LM_MODEL_FLAGS = {
+    "d_model": "width of the layers",
+    "n_heads": "attention heads",
+    "d_ff": "feed-forward width",
+    "n_layers": "decoder layers (causal self-attention + feed-forward)",
+    "dropout": "dropout on embeddings and block outputs",
+    "max_positions": "longest sentence in pieces, <s> included",
+}
+
+
+def _lm_train_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of :data:`LM_TRAINING_FLAGS` and :data:`LM_MODEL_FLAGS`, typed and defaulted by
+    their dataclass fields (added when ``lm train`` is parsed: the dataclasses import torch)."""
+    import dataclasses
+
+    from .lm import LMConfig
+    from .lm_train import LMTraining
+    from .options import flag_name
+
+    for cls, flags in ((LMTraining, LM_TRAINING_FLAGS), (LMConfig, LM_MODEL_FLAGS)):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, text in flags.items():
+            parser.add_argument(flag_name(name), type=type(defaults[name]), default=defaults[name], help=text)
+
+
 def add_lm_commands(sub: argparse._SubParsersAction) -> None:
     """``lm train|complete|perplexity``: the language model (the decoder stack alone, speechformer/lm.py)."""
     lm = sub.add_parser("lm", help="a language model over a tokenizer's pieces: train, complete a prompt, "
                         "perplexity")
     lm_sub = lm.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
-    t = lm_sub.add_parser("train", help="train a language model on text (one sentence a line) with Lightning")
+    t = lm_sub.add_parser("train", help="train a language model on text (one sentence a line) with Lightning",
+                          options=_lm_train_flags)
     t.add_argument("--text", required=True, help="training text, one sentence a line (.txt or .txt.gz)")
     t.add_argument("--tokenizer", required=True, help="tokenizer folder (the acoustic model's, e.g. EXP/tokenizer)")
     t.add_argument("--out", required=True, help="LM folder to write (config.json, model.safetensors, "
                    "tokenizer.model)")
     t.add_argument("--valid-text", default=None, help="held-out text: its perplexity after every epoch")
-    t.add_argument("--max-epochs", type=int, default=10, help="passes over the text")
-    t.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps instead (> 0)")
-    t.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warmup then cosine)")
-    t.add_argument("--warmup-steps", type=int, default=200, help="steps of linear warmup")
-    t.add_argument("--d-model", type=int, default=256, help="width of the layers")
-    t.add_argument("--n-heads", type=int, default=4, help="attention heads")
-    t.add_argument("--d-ff", type=int, default=1024, help="feed-forward width")
-    t.add_argument("--n-layers", type=int, default=4, help="decoder layers (causal self-attention + feed-forward)")
-    t.add_argument("--dropout", type=float, default=0.1, help="dropout on embeddings and block outputs")
-    t.add_argument("--max-positions", type=int, default=256, help="longest sentence in pieces, <s> included")
-    t.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
-    t.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, ...")
-    t.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, dropout)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_lm_train)
     c = lm_sub.add_parser("complete", help="continue a prompt with the likeliest piece, step by step (greedy)")

@@ -18,15 +18,18 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import soundfile as sf
 
+from .atomic import atomic_write_text
 from .audio import AUDIO_EXTENSIONS
 from .timestamps import Segment, Word, format_srt, format_vtt, segment_cues, words_to_cues
-from .transcribe import TranscriptResult
+from .inputs import Inputs
+from .transcribe import AudioItem, TranscriptResult
 
 SUBTITLE_FORMATS = ("srt", "vtt")
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
@@ -219,3 +222,118 @@ def format_results(results: list[TranscriptResult], fmt: str) -> str:
         lines = ["path\ttext"] + [f"{r.key}\t{r.text}" for r in results if r.ok]
         return "\n".join(lines) + "\n"
     return "".join(f"{r.text}\n" for r in results if r.ok)
+
+
+RERUN_RESUME = "re-run with --resume"  # a full disk mid-run: the finished files are kept
+#: Files decoded together when no journal keeps them (nothing is lost by a larger window).
+UNJOURNALLED_WINDOW = 256
+
+
+class TranscriptWriter:
+    """Where the results of one ``speechformer transcribe`` run go, as the Transcriber yields them.
+
+    Built before the model loads, it refuses at once what would fail or destroy later: several
+    files' subtitles without ``output_dir``, ``resume`` with nowhere to keep the finished work,
+    an output that is an input or a recording. With a file output (``output`` or ``output_dir``)
+    every finished transcript is journalled as soon as it is added, so a killed run re-run with
+    ``resume`` only decodes :attr:`todo`; ``output_dir`` also gets one file per input at once.
+    :meth:`finish` writes the whole output in the inputs' order and says how many failed.
+    """
+
+    def __init__(self, inputs: Inputs, fmt: str = "text", output: str | None = "-", output_dir: str | None = None,
+                 resume: bool = False, flush_every: int = 64) -> None:
+        items = inputs.items
+        self.inputs, self.fmt, self.output_dir = inputs, fmt, output_dir
+        self.output = output if output and output != "-" else None  # None: standard output
+        self.subtitles = fmt in SUBTITLE_FORMATS
+        if self.subtitles and len(items) > 1 and not output_dir:
+            raise ValueError(f"--format {fmt} writes one subtitle file per audio file: give --output-dir for "
+                             f"{len(items)} files (or transcribe one file)")
+        if resume and not (self.output or output_dir):
+            raise ValueError("--resume needs --output FILE or --output-dir DIR (where the finished work is kept)")
+        self.names = output_names([it.key for it in items], stems=inputs.from_files) if output_dir else {}
+        self._check_paths()
+        self.journal = self._open_journal(resume)
+        self.results: dict[str, TranscriptResult] = dict(self.journal.done) if self.journal is not None else {}
+        #: What is left to transcribe: neither finished by an earlier run nor already known to fail.
+        self.todo: list[AudioItem] = [it for it in items if it.key not in self.results and it.key not in inputs.failed]
+        #: Files decoded together before their transcripts are added (a kill loses at most these).
+        self.window = flush_every if self.journal is not None else UNJOURNALLED_WINDOW
+        self.failed = 0
+        self._unreported = list(inputs.failed.values())
+
+    def _check_paths(self) -> None:
+        """No output replaces an input (or the manifest) or an existing audio file; the folder is writable."""
+        sources = self.inputs.sources
+        if self.output:
+            check_output_files([self.output], sources, flag="--output",
+                               give=f"a new .{'txt' if self.fmt == 'text' else self.fmt} path")
+        if self.output_dir:
+            prepare_output_dir(self.output_dir, sources, flag="--output-dir")
+            check_output_files((self._file_of(it.key) for it in self.inputs.items), sources, flag="--output-dir",
+                               give="another --output-dir")
+
+    def _file_of(self, key: str) -> Path:
+        """``output_dir``'s file for one input: NAME.txt, or NAME.srt / NAME.vtt."""
+        ext = self.fmt if self.subtitles else "txt"
+        return Path(self.output_dir or ".") / f"{self.names[key]}.{ext}"
+
+    def _open_journal(self, resume: bool) -> TranscriptJournal | None:
+        """The journal beside the output (none when the output is standard output)."""
+        if self.output_dir:
+            where = Path(self.output_dir) / ".speechformer-progress.jsonl"
+        elif self.output:
+            where = Path(self.output).with_name(Path(self.output).name + ".progress.jsonl")
+        else:
+            return None
+        journal = TranscriptJournal(where, resume=resume)
+        if resume:
+            items = self.inputs.items
+            print(f"transcribe: resuming, {sum(it.key in journal.done for it in items)} of {len(items)} "
+                  "already done", file=sys.stderr)
+        return journal
+
+    def add(self, result: TranscriptResult) -> None:
+        """One finished result: a failure is reported, a transcript written to its file and journalled."""
+        self._report_known_failures()
+        self._add(result)
+
+    def _report_known_failures(self) -> None:
+        """The inputs known to fail from the start, reported once the model has loaded (a model that
+        fails to load is then the one line printed)."""
+        unreported, self._unreported = self._unreported, []
+        for result in unreported:
+            self._add(result)
+
+    def _add(self, result: TranscriptResult) -> None:
+        # a file finished by an earlier run and gone since is counted as failed, and keeps its transcript
+        self.results.setdefault(result.key, result)
+        if not result.ok:
+            self.failed += 1
+            print(f"error: {result.error}", file=sys.stderr)
+            return
+        if self.output_dir:
+            text = subtitle_text(result, self.fmt) if self.subtitles else result.text + "\n"
+            atomic_write_text(self._file_of(result.key), text, rerun=RERUN_RESUME)
+        if self.journal is not None:
+            self.journal.record(result)
+
+    def finish(self) -> int:
+        """Write the whole output (one file's subtitles, or every result in ``fmt``), close the
+        journal (removed when nothing failed) and return the exit status: 1 if any file failed."""
+        self._report_known_failures()
+        results = [self.results[it.key] for it in self.inputs.items]
+        if not (self.subtitles and len(results) > 1):
+            text = format_results(results, self.fmt)
+            if self.output:
+                atomic_write_text(self.output, text, rerun=RERUN_RESUME)
+            else:
+                sys.stdout.write(text)
+        if self.journal is not None:
+            self.journal.close(finished=not self.failed)
+        if self.failed:
+            print(f"transcribe: {len(results) - self.failed} of {len(results)} file(s) transcribed, {self.failed} "
+                  "failed" + (" (re-run with --resume to retry only those)" if self.journal is not None else ""),
+                  file=sys.stderr)
+            return 1
+        return 0

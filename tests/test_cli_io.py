@@ -249,3 +249,31 @@ def test_the_duplicate_id_hint_fits_the_command(command, untrained_model, tmp_pa
     err = capsys.readouterr().err
     assert "duplicate id 'u1'" in err and "fix or remove those lines" in err and "data validate" in err
     assert "skip_bad_lines" not in err  # an option of fit, not of this command
+
+
+def test_the_writer_takes_results_as_they_come_and_a_resumed_writer_is_left_only_the_rest(tmp_path, capsys):
+    """The transcribe flow without the command line: inputs, a writer, results added one by one.
+    Each transcript is in its file and the journal the moment it is added (a kill after ``a``
+    keeps ``a``); a bad path is reported once the results come; the exit status counts it."""
+    from speechformer.inputs import collect_inputs
+    from speechformer.outputs import TranscriptWriter
+    from speechformer.transcribe import TranscriptResult
+
+    a, b = _recording(tmp_path / "in" / "a.wav"), _recording(tmp_path / "in" / "b.wav")
+    missing = str(tmp_path / "in" / "gone.wav")
+    inputs = collect_inputs([str(a), missing, str(b)])
+    assert [it.key for it in inputs.items] == [str(a), missing, str(b)] and list(inputs.failed) == [missing]
+    out = tmp_path / "out"
+    first = TranscriptWriter(inputs, "text", output_dir=str(out))
+    assert [it.key for it in first.todo] == [str(a), str(b)] and capsys.readouterr().err == ""
+    first.add(TranscriptResult(str(a), a, "one two"))
+    assert (out / "a.txt").read_text() == "one two\n" and not (out / "b.txt").exists()
+    assert capsys.readouterr().err.startswith(f"error: {missing}")  # reported with the first result
+
+    resumed = TranscriptWriter(inputs, "text", output_dir=str(out), resume=True)  # the run was killed here
+    assert [it.key for it in resumed.todo] == [str(b)]
+    resumed.add(TranscriptResult(str(b), b, "three"))
+    assert resumed.finish() == 1  # the missing file failed
+    err = capsys.readouterr().err
+    assert "resuming, 1 of 3 already done" in err and "2 of 3 file(s) transcribed, 1 failed" in err
+    assert (out / "b.txt").read_text() == "three\n" and (out / ".speechformer-progress.jsonl").exists()

@@ -23,7 +23,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from speechformer.cli import build_parser, main
+from speechformer.cli import HelpParser, build_parser, main
 
 # error: WHAT: reason; what to do  (WHAT names the file, flag, line or setting)
 RULE = re.compile(r"^error: (?P<what>[^\s;][^;]*?): (?P<reason>[^;]+); (?P<hint>.+)$")
@@ -313,13 +313,16 @@ def test_every_option_of_every_command_has_help_and_shows_its_default():
             "speechformer explain", "speechformer plot", "speechformer prepare librispeech",
             "speechformer compute-stats"} <= set(commands)
     for name, sub in commands.items():
+        if isinstance(sub, HelpParser):
+            sub.add_late_flags()  # the flags made from dataclasses (transcription options, lm train's settings)
         text = sub.format_help()
         for action in sub._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
             label = f"{name} {'/'.join(action.option_strings) or action.dest}"
             assert action.help and action.help.strip(), f"{label}: no help text"
-            unset = action.default is None or action.default is False or action.default in ("", [])
+            unset = action.default is None or action.default is False or action.default in ("", []) \
+                or action.default is argparse.SUPPRESS  # an option not typed is the model's default
             if action.option_strings and not unset and not action.required:
                 rendered = sub._get_formatter()._get_help_string(action) % {"default": action.default}
                 assert "default" in rendered and (str(action.default) in rendered or "default:" in rendered), \

@@ -180,6 +180,19 @@ def _error_line(capsys) -> str:
     return err[0]
 
 
+def test_lm_train_command_builds_the_model_and_the_loop_its_flags_ask_for(grammar_lm, tmp_path, capsys):
+    """Each size flag reaches the LM's config, each untyped one is the dataclass's default, and
+    --max-steps stops the loop: the flags are made from LMConfig and LMTraining."""
+    out = tmp_path / "lm"
+    assert main(["lm", "train", "--text", str(grammar_lm["valid"]), "--tokenizer", str(grammar_lm["dir"] / "tokenizer"),
+                 "--out", str(out), "--d-model", "32", "--n-layers", "1", "--d-ff", "64", "--max-steps", "2",
+                 "--batch-size", "16", "--accelerator", "cpu", "--quiet"]) == 0
+    assert "2 steps" in capsys.readouterr().out
+    settings = json.loads((out / "config.json").read_text())["lm"]
+    assert (settings["d_model"], settings["n_layers"], settings["d_ff"]) == (32, 1, 64)
+    assert (settings["n_heads"], settings["max_positions"], settings["dropout"]) == (LMConfig.n_heads, 256, 0.1)
+
+
 def test_lm_command_errors_are_one_line_naming_the_file(grammar_lm, untrained_model, tmp_path, capsys):
     tok = str(grammar_lm["dir"] / "tokenizer")
     bad_utf8 = tmp_path / "latin1.txt"

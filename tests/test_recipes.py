@@ -151,6 +151,25 @@ def test_synthetic_recipe_trains_without_feature_stats_and_scores_with_the_chose
     assert "WER of exp/x/model (joint, beam 4)" in proc.stdout and "| test | 1.00 |" in proc.stdout
 
 
+@pytest.mark.parametrize("decoder", ["joint", "attention", "ctc"])
+def test_synthetic_recipe_evaluates_with_options_that_speechformer_accepts_for_every_decoder(recipes, decoder):
+    """Each stage-4 ``evaluate`` command passes the real parser and the options check (``--decoder
+    ctc`` is greedy: a beam there is refused, so the recipe asks for none)."""
+    from speechformer.cli import _requested_options, build_parser
+
+    (recipes[0] / "synthetic" / "exp" / "conformer").mkdir(parents=True)  # stage 3 made it
+    proc, calls = run(recipes, "synthetic", "--stage", "4", "--stop-stage", "4", "--decoder", decoder)
+    assert proc.returncode == 0, proc.stderr
+    evaluations = by_command(calls)["evaluate"]
+    assert len(evaluations) == 2
+    for call in evaluations:
+        given = _requested_options(build_parser().parse_args(call[1:]))
+        assert given["decoder"] == decoder and ("ctc_weight" in given) == (decoder == "joint")
+    if decoder == "ctc":  # a beam typed with it is refused by the recipe, before any stage
+        proc, calls = run(recipes, "synthetic", "--stage", "4", "--decoder", "ctc", "--beam-size", "4")
+        assert proc.returncode == 2 and "--decoder ctc is greedy" in proc.stderr and calls == []
+
+
 @pytest.mark.parametrize(("recipe", "options", "text"), [
     ("synthetic", [], "data/synthetic/lm/train.txt.gz"),
     ("librispeech", ["--lm-text", "/corpora/librispeech-lm-norm.txt.gz"], "/corpora/librispeech-lm-norm.txt.gz"),

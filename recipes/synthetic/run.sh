@@ -21,8 +21,8 @@ data=data/synthetic        # corpus (stage 0)
 exp=exp/conformer          # tokenizer, checkpoints, logs, model, reports (as in the config's paths)
 num_train=8000
 vocab_size=256
-beam_size=4
-decoder=joint            # stage 4: joint (CTC/attention) | attention | ctc (greedy)
+beam_size=4              # stage 4: beam width of attention and joint decoding
+decoder=joint            # stage 4: joint (CTC/attention) | attention | ctc (greedy, no beam)
 ctc_weight=0.1           # joint decoding's CTC share, chosen on the validation set (README.md)
 lm=false                 # stage 6 (off by default): a language model on grammar text, see README.md
 lm_sentences=20000       # its training text: sentences of the grammar, none of them a valid or test sentence
@@ -34,13 +34,19 @@ while [[ $# -gt 0 ]]; do
     --config) config=$2; shift 2 ;;
     --exp) exp=$2; shift 2 ;;
     --num-train) num_train=$2; shift 2 ;;
-    --beam-size) beam_size=$2; shift 2 ;;
+    --beam-size) beam_size=$2; beam_given=true; shift 2 ;;
     --decoder) decoder=$2; shift 2 ;;
     --ctc-weight) ctc_weight=$2; shift 2 ;;
     --lm) lm=$2; shift 2 ;;
     *) common_option "$@"; shift 2 ;;   # --stage, --stop-stage, --help
   esac
 done
+if [[ $decoder == ctc ]]; then  # greedy over the CTC labels: `speechformer evaluate` refuses a beam there
+  if [[ ${beam_given:-} == true && $beam_size != 1 ]]; then
+    echo "run.sh: --decoder ctc is greedy decoding, with no beam; drop --beam-size $beam_size" >&2; exit 2
+  fi
+  beam_size=1
+fi
 
 if run_stage 0; then
   log "stage 0: synthetic spoken corpus -> $data"
