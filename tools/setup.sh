@@ -16,7 +16,11 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=".venv/.speechformer-installed-${extras//,/-}"
 if [[ ! -f $stamp || pyproject.toml -nt $stamp || tools/constraints.txt -nt $stamp ]]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
+  # pip >= 21.3 installs this project editable (PEP 660); upgrading an already new enough pip
+  # only costs time (about 30 s of index queries on a fresh machine)
+  if ! .venv/bin/python -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(".")[:2])) < (21, 3))'; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+  fi
   .venv/bin/python -m pip install --quiet -c tools/constraints.txt -e ".[$extras]"
   touch "$stamp"
 fi
