@@ -14,7 +14,9 @@ formats are read, none of them with the engine that wrote it:
 
 The result is a speechformer model folder (``config.json``, ``model.safetensors``,
 ``tokenizer.json``, ``tokenizer_config.json``) that ``transcribe``, ``evaluate``,
-``export`` and fine-tuning (``fit --model.init_from DIR``) use like any other.
+``export`` and fine-tuning (``fit --model.init_from DIR``) use like any other. The model's
+alignment heads (for word times, :mod:`speechformer.alignment`) come along in its config where
+the format stores them (CTranslate2's ``config.json``, Hugging Face's ``generation_config.json``).
 """
 
 from __future__ import annotations
