@@ -179,11 +179,10 @@ def group_words(texts: Sequence[str]) -> list[list[int]]:
             merged[-1] += units
         else:
             pending += units
-    if pending:
-        if merged and not is_spoken("".join(texts[k] for k in pending)):
-            merged[-1] += pending  # marks at the very end: the last word's
-        else:
-            merged.append(pending)
+    if pending and merged:
+        merged[-1] += pending  # marks at the very end: the last word's
+    elif pending:
+        merged.append(pending)  # nothing but marks: one word
     return merged
 
 
