@@ -173,7 +173,8 @@ def set_fields(obj: Any) -> dict[str, Any]:
 
 def timing_source(bundle: "ModelBundle", flag: str = "--timestamps") -> Timing:
     """Where this model's timestamps come from: ``"ctc"`` (word times from a forced alignment
-    to its CTC head) or ``"whisper"`` (segment times from Whisper's time tokens). A model with
+    to its CTC head) or ``"whisper"`` (segment times from Whisper's time tokens, word times from
+    its alignment heads, :mod:`speechformer.alignment`). A model with
     neither gets one line naming ``flag``, the option that asked for times."""
     if bundle.model.ctc is not None:
         return "ctc"
@@ -265,8 +266,9 @@ HELP: dict[str, str] = {
     "precision": "bf16: bfloat16 matmuls (CPUs with AMX/AVX512-BF16, GPUs); about 1.7x faster on such a CPU, "
                  "transcripts compared in benchmarks/README.md",
     "cpu_fast_path": "on CPU in fp32, prepack the decoder's linear layers for oneDNN (equal results, faster)",
-    "timestamps": "times in --format json: \"words\" from a CTC forced alignment (models with a CTC head), "
-                  "or \"segments\" from Whisper's own time tokens (Whisper models)",
+    "timestamps": "times in --format json: \"words\" from a CTC forced alignment (models with a CTC head) or "
+                  "from the alignment heads' cross-attention, and \"segments\" from Whisper's own time tokens "
+                  "(Whisper models)",
     "no_speech_threshold": "Whisper: a window whose no-speech probability is above this, with an unsure "
                            "transcript (--logprob-threshold), is dropped (default: 0.6 for Whisper; off: no guard)",
     "logprob_threshold": "Whisper: a transcript is unsure when its average log-probability is below this",

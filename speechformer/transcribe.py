@@ -14,8 +14,9 @@ compresses too well (a repetition loop) is cut back to where the loop began.
 
 Timestamps come from one of two places (:func:`~speechformer.options.timing_source`): a CTC head gives word times
 by forced alignment; Whisper (no CTC head) writes segment times itself as time tokens, decoded
-under its timestamp rules. A long file's windows are each decoded once and their times shifted
-by the window's start.
+under its timestamp rules, and its word times come from the cross-attention of its alignment
+heads (:mod:`speechformer.alignment`). A long file's windows are each decoded once and their
+times shifted by the window's start.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .errors import UserError
 from .fastpath import tune_for_inference
 from .frontend import WHISPER_WINDOW_SECONDS
 from .model import ModelConfig, SpeechTransformer
+from .alignment import whisper_word_times
 from .options import CHUNK_HEADROOM, WHISPER_GUARDS, Timing, TranscribeOptions, timing_source, tokenizer_for
 from .timestamps import FrameClock, Segment, Word, whisper_segments, word_timestamps
 from .tokenizer import (MODEL_FILE, WHISPER_FILE, WHISPER_TIME_PRECISION, AnyTokenizer,
@@ -278,7 +280,7 @@ class TranscriptResult:
     text: str = ""
     error: str | None = None
     duration: float = 0.0
-    words: list[Word] | None = None  # with timestamps (CTC): each word's start/end (seconds from the file's start)
+    words: list[Word] | None = None  # with timestamps: each word's start/end (seconds from the file's start)
     segments: list[Segment] | None = None  # with timestamps (Whisper): each segment's start/end and text
 
     @property
@@ -294,7 +296,7 @@ class TranscriptResult:
 
 
 class WindowResult(NamedTuple):
-    """One decoded window: its text and, with timestamps, its words (CTC) or segments (Whisper),
+    """One decoded window: its text and, with timestamps, its words (and, Whisper, its segments),
     in seconds from the window's start."""
 
     text: str
@@ -411,7 +413,7 @@ class Transcriber:
 
     @torch.inference_mode()
     def transcribe_segments(self, wavs: Sequence[Tensor]) -> list[WindowResult]:
-        """Text and, with ``timestamps``, words (CTC) or segments (Whisper) for 1-D waveforms
+        """Text and, with ``timestamps``, words (and, Whisper, segments) for 1-D waveforms
         (each within one chunk), in seconds from each waveform's start."""
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
         out = [self._nothing()] * len(wavs)
@@ -431,10 +433,10 @@ class Transcriber:
 
     def _nothing(self) -> WindowResult:
         """An empty window (silence): no text, and no words or segments."""
-        return WindowResult("", [] if self.timing == "ctc" else None, [] if self.timing == "whisper" else None)
+        return WindowResult("", [] if self.timing else None, [] if self.timing == "whisper" else None)
 
     def _result(self, item: AudioItem, duration: float) -> TranscriptResult:
-        return TranscriptResult(item.key, item.path, duration=duration, words=[] if self.timing == "ctc" else None,
+        return TranscriptResult(item.key, item.path, duration=duration, words=[] if self.timing else None,
                                 segments=[] if self.timing == "whisper" else None)
 
     def _is_long(self, item: AudioItem) -> int | None:
@@ -551,8 +553,11 @@ class Transcriber:
             memory, mem_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device))
             hyps = decode(self.model, memory, mem_lengths, self.decode_options, self.rules, self._scorers(len(live)))
             log_probs = self.model.ctc_log_probs(memory).cpu() if self.timing == "ctc" else None
-        for row, (i, hyp) in enumerate(zip(live, hyps)):
-            tokens = self._kept(hyp)
+            kept = [self._kept(hyp) for hyp in hyps]
+            # Whisper: word times from its alignment heads, one teacher-forced pass per window
+            aligned = whisper_word_times(self.model, memory, kept, [len(wavs[i]) for i in live], self.tokenizer) \
+                if self.timing == "whisper" else None
+        for row, (i, tokens) in enumerate(zip(live, kept)):
             duration = len(wavs[i]) / self.sample_rate
             words = segments = None
             if log_probs is not None:
@@ -563,6 +568,7 @@ class Transcriber:
                 assert self.rules.timestamp_begin is not None
                 segments = whisper_segments(tokens, self.rules.timestamp_begin, self.tokenizer.decode, duration,
                                             WHISPER_TIME_PRECISION)
+                words = aligned[row] if aligned is not None else None
             out[i] = WindowResult(self.tokenizer.decode(tokens), words, segments)
         return out
 

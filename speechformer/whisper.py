@@ -14,7 +14,9 @@ formats are read, none of them with the engine that wrote it:
 
 The result is a speechformer model folder (``config.json``, ``model.safetensors``,
 ``tokenizer.json``, ``tokenizer_config.json``) that ``transcribe``, ``evaluate``,
-``export`` and fine-tuning (``fit --model.init_from DIR``) use like any other.
+``export`` and fine-tuning (``fit --model.init_from DIR``) use like any other. The model's
+alignment heads (for word times, :mod:`speechformer.alignment`) come along in its config where
+the format stores them (CTranslate2's ``config.json``, Hugging Face's ``generation_config.json``).
 """
 
 from __future__ import annotations
@@ -318,11 +320,34 @@ READERS: dict[str, Callable[[Path], tuple[ModelConfig, dict[str, Tensor]]]] = {
     "openai": from_openai, "huggingface": from_huggingface, "ctranslate2": from_ctranslate2}
 
 
+#: where each format keeps its alignment heads, ``[[decoder layer, head], ...]`` (an openai-whisper
+#: ``.pt`` has none: openai-whisper keeps a table by model name in its code)
+ALIGNMENT_HEADS_FILES = {"huggingface": "generation_config.json", "ctranslate2": "config.json"}
+
+
+def stored_alignment_heads(src: Path, fmt: str, config: ModelConfig) -> list[list[int]]:
+    """The alignment heads the converted model stores next to its weights (for word times,
+    :mod:`speechformer.alignment`), or ``[]`` when it stores none. A list that does not fit the
+    model (a head it does not have) is refused, naming the file."""
+    path = src / ALIGNMENT_HEADS_FILES[fmt] if fmt in ALIGNMENT_HEADS_FILES else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        heads = json.loads(path.read_text(encoding="utf-8")).get("alignment_heads") or []
+        heads = [[int(layer), int(head)] for layer, head in heads]
+        return ModelConfig.from_dict({**config.to_dict(), "alignment_heads": heads}).alignment_heads
+    except (ValueError, TypeError, AttributeError) as err:
+        raise WhisperImportError(f"{path}: alignment_heads is not a list of [layer, head] pairs of this model "
+                                 f"({err})") from err
+
+
 def load_whisper(src: str | Path) -> tuple[SpeechTransformer, str]:
-    """A Whisper checkpoint in any of the three formats as a speechformer model (and the format)."""
+    """A Whisper checkpoint in any of the three formats as a speechformer model (and the format),
+    with the alignment heads the format stores (:func:`stored_alignment_heads`)."""
     src = Path(src)
     fmt = detect_format(src)
     config, state = READERS[fmt](src)
+    config.alignment_heads = stored_alignment_heads(src, fmt, config)
     model = SpeechTransformer(config)
     model.load_state_dict(state, strict=True)
     return model.eval(), fmt

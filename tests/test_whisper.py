@@ -74,7 +74,7 @@ def tiny_en(tmp_path_factory) -> Path:
 @torch.no_grad()
 def test_openai_whisper_parity_encoder_and_decoder_with_and_without_cache(openai_model, openai_pt):
     ours, fmt = load_whisper(openai_pt)
-    assert fmt == "openai"
+    assert fmt == "openai" and ours.config.alignment_heads == []  # a .pt stores none: word times fall back
     torch.manual_seed(0)
     mel = torch.randn(2, 80, 2 * SMALL["n_audio_ctx"])
     ref_audio = openai_model.encoder(mel)
@@ -151,9 +151,10 @@ def test_huggingface_folder_import_matches_transformers(tmp_path):
     ref = transformers.WhisperForConditionalGeneration(cfg).eval()
     randomize(ref.model.decoder)
     randomize(ref.model.encoder.layers)
+    ref.generation_config.alignment_heads = [[1, 0], [1, 3]]  # written to generation_config.json
     ref.save_pretrained(tmp_path / "hf")
     ours, fmt = load_whisper(tmp_path / "hf")
-    assert fmt == "huggingface"
+    assert fmt == "huggingface" and ours.config.alignment_heads == [[1, 0], [1, 3]]
     mel = torch.randn(1, 80, 100)
     tokens = torch.tensor([[50257, 50362, 440, 2068, 7586, 13]])
     ref_logits = ref(input_features=mel, decoder_input_ids=tokens).logits
@@ -167,7 +168,9 @@ def test_huggingface_folder_import_matches_transformers(tmp_path):
         folder = tmp_path / f"ct2_{quantization}"
         ct2.TransformersConverter(str(tmp_path / "hf")).convert(str(folder), quantization=quantization)
         model, fmt = load_whisper(folder)
-        assert fmt == "ctranslate2"
+        # the heads CTranslate2's converter wrote (its own default: the last half of the layers)
+        assert fmt == "ctranslate2" and model.config.alignment_heads == json.loads(
+            (folder / "config.json").read_text())["alignment_heads"] == [[1, 0], [1, 1], [1, 2], [1, 3]]
         memory_ct2, _ = model.encode_features(mel.transpose(1, 2), torch.tensor([100]))
         assert rel_diff(model.decode(tokens, memory_ct2, None), ref_logits) < tolerance, quantization
 

@@ -8,7 +8,7 @@ bias on the key projection), so there is one model class, not a second copy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 
@@ -67,6 +67,9 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     max_source_positions: int = 3000  # encoder frames after subsampling
     max_target_positions: int = 448  # decoder tokens
+    # Whisper: the (decoder layer, head) pairs whose cross-attention aligns tokens to audio, for
+    # word times (speechformer/alignment.py); empty: the last half of the decoder layers, all heads
+    alignment_heads: list[list[int]] = field(default_factory=list)
 
     # heads and losses
     ctc_head: bool = True
@@ -105,6 +108,10 @@ class ModelConfig:
                              f"d_model / n_heads = {self.d_model // self.n_heads}")
         if self.ctc_weight > 0 and not self.ctc_head:
             raise ValueError("model config: ctc_weight > 0 needs ctc_head: true")
+        for pair in self.alignment_heads:
+            if not (len(pair) == 2 and 0 <= pair[0] < self.n_decoder_layers and 0 <= pair[1] < self.n_heads):
+                raise ValueError(f"model config: alignment_heads must be [decoder layer, head] pairs within "
+                                 f"{self.n_decoder_layers} layers and {self.n_heads} heads, got {pair!r}")
 
     @property
     def is_whisper(self) -> bool:
@@ -185,6 +192,10 @@ def settings_from_dict(cls: Any, data: Any, label: str) -> Any:
     return cls(**{name: _checked_value(name, hints[name], value, label) for name, value in data.items()})
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _checked_value(name: str, hint: Any, value: Any, label: str = "model config") -> Any:
     """``value`` if it fits the setting's type (an int where a float is asked becomes a float)."""
     if get_origin(hint) is Literal:
@@ -192,6 +203,10 @@ def _checked_value(name: str, hint: Any, value: Any, label: str = "model config"
         if isinstance(value, str) and value in choices:
             return value
         raise ValueError(f"{label}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    if hint == list[list[int]]:  # pairs of whole numbers (alignment_heads)
+        if isinstance(value, list) and all(isinstance(p, list) and all(_is_int(x) for x in p) for p in value):
+            return value
+        raise ValueError(f"{label}: {name} must be a list of [layer, head] pairs of whole numbers, got {value!r}")
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     fits = {bool: isinstance(value, bool), int: is_number and isinstance(value, int), float: is_number,
             str: isinstance(value, str)}[hint]
