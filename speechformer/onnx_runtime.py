@@ -30,10 +30,9 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from .audio import AudioError, read_audio
 from .errors import UserError
@@ -41,6 +40,9 @@ from .onnx_search import ctc_greedy, search
 from .options import TranscribeOptions, family_options, flag_name, timing_source, tokenizer_for, window_seconds
 from .tokenizer import MODEL_FILE, WHISPER_FILE, load_tokenizer
 from .windows import SILENCE_PEAK, Hypothesis, WindowedTranscriber, WindowResult
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 ONNX_FORMAT = "speechformer-onnx"  # speechformer.onnx_export writes it (that module needs torch)
 ONNX_FILES = ("encoder.onnx", "decoder.onnx", "config.json")
@@ -67,6 +69,11 @@ class OnnxModel:
         if not isinstance(self.config, dict) or self.config.get("format") != ONNX_FORMAT:
             raise UserError(cfg_path, f"not a {ONNX_FORMAT} folder", "export the model with `speechformer export "
                             "--format onnx`")
+        try:  # here, not at the top: `speechformer transcribe` tells an ONNX folder by its files first
+            import onnxruntime as ort
+        except ImportError as err:
+            raise UserError(self.folder, "an ONNX model, and onnxruntime is not installed",
+                            "pip install 'speechformer[onnx]'") from err
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.encoder = self._session(self.config["encoder"], options)
@@ -85,7 +92,9 @@ class OnnxModel:
                                      config=SimpleNamespace(is_whisper=self.whisper, vocab_size=self.vocab_size))
         self.window_seconds = window_seconds(self.whisper, float(self.config["max_input_seconds"]))
 
-    def _session(self, graph: dict[str, Any], options: ort.SessionOptions) -> ort.InferenceSession:
+    def _session(self, graph: dict[str, Any], options: "ort.SessionOptions") -> "ort.InferenceSession":
+        import onnxruntime as ort
+
         path = self.folder / graph["file"]
         if not path.is_file():
             raise UserError(path, "not found", REEXPORT)
@@ -131,13 +140,14 @@ class OnnxTranscriber(WindowedTranscriber):
     """
 
     def __init__(self, folder: str | Path, options: TranscribeOptions | None = None, threads: int = 0,
-                 **overrides: Any) -> None:
+                 name: Callable[[str], str] = flag_name, **overrides: Any) -> None:
         """``options`` (default: the family's, then ``overrides``), checked against the graphs
-        as the PyTorch path checks them against the model; ``threads``: onnxruntime's (0: its default)."""
+        as the PyTorch path checks them against the model (``name``: a field's flag in the
+        refusals); ``threads``: onnxruntime's (0: its default)."""
         self.bundle = OnnxModel(folder, threads)
         options = self.bundle.default_options(**overrides) if options is None else options
-        options.check(self.bundle)  # type: ignore[arg-type]  # stands in for a ModelBundle
-        _refuse_unsupported(options, self.bundle)
+        options.check(self.bundle, name=name)  # type: ignore[arg-type]  # stands in for a ModelBundle
+        _refuse_unsupported(options, self.bundle, name)
         self.options = options
         self.tokenizer = tokenizer_for(options, self.bundle.tokenizer)
         self.timing = timing_source(self.bundle) if options.timestamps else None  # type: ignore[arg-type]
@@ -173,14 +183,14 @@ class OnnxTranscriber(WindowedTranscriber):
         return search(m.step, enc, d, self.rules, m.cache_shape, m.vocab_size, m.positions, m.blank)
 
 
-def _refuse_unsupported(options: TranscribeOptions, model: OnnxModel) -> None:
+def _refuse_unsupported(options: TranscribeOptions, model: OnnxModel, name: Callable[[str], str]) -> None:
     """One line for what the PyTorch path does and this one cannot."""
-    for name, (asked, why) in UNSUPPORTED.items():
+    for field, (asked, why) in UNSUPPORTED.items():
         if asked(options):
-            raise UserError(flag_name(name), f"not available with an ONNX model ({model.folder}): {why}",
+            raise UserError(name(field), f"not available with an ONNX model ({model.folder}): {why}",
                             "drop the flag, or transcribe with the PyTorch model")
     if options.timestamps and not model.whisper:
-        raise UserError(flag_name("timestamps"), f"word times from a CTC head need PyTorch's forced alignment, "
+        raise UserError(name("timestamps"), f"word times from a CTC head need PyTorch's forced alignment, "
                         f"and {model.folder} is an ONNX model", "drop --timestamps, or transcribe with the PyTorch "
                         "model")
 
