@@ -279,6 +279,17 @@ def test_cli_transcribe_with_an_onnx_folder_writes_what_pytorch_writes(exported,
     assert main(["transcribe", "--model", str(exported.out), files[0], "--format", "srt"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --format srt:") and "ONNX" in err[0]
+    # a file at another rate is that file's error (no resampling without torch); the others go on
+    import soundfile as sf
+
+    sf.write(tmp_path / "8k.wav", np.zeros(8000, np.float32) + 0.1, 8000)
+    assert main(["transcribe", "--model", str(exported.out), str(tmp_path / "8k.wav"), files[0], "--quiet"]) == 1
+    captured = capsys.readouterr()
+    from speechformer.transcribe import Transcriber
+
+    greedy = Transcriber(load_model(exported.folder)).transcribe([files[0]])[0].text
+    assert greedy and greedy in captured.out  # the good file's text
+    assert "8k.wav: sampled at 8000 Hz, the model takes 16000 Hz" in captured.err
 
 
 # ---------------------------------------------------------------------------- Whisper tiny.en, real speech
