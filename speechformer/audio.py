@@ -24,10 +24,13 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the onnxruntime transcriber reads audio without it
+    import torch
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -37,6 +40,7 @@ __all__ = [
     "expand_audio_paths",
     "find_audio_paths",
     "load_audio",
+    "read_audio",
     "save_audio",
     "split_long_audio",
 ]
@@ -132,6 +136,8 @@ def audio_info(path: str | os.PathLike[str]) -> tuple[int, int, int, float]:
 def _integer_full_scale(wav: torch.Tensor) -> torch.Tensor:
     """Integer samples as float32 at full scale [-1, 1): PCM's convention (int16 / 32768, uint8
     centred on 128), the one soundfile and every audio tool use. Other dtypes are cast as they are."""
+    import torch
+
     if wav.dtype == torch.uint8:
         return (wav.to(torch.float32) - 128.0) / 128.0
     if wav.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
@@ -165,6 +171,8 @@ def check_waveform(wav: torch.Tensor, name: str | os.PathLike[str]) -> torch.Ten
     the file that caused them. Integer tensors are taken as PCM (int16 / 32768);
     float peaks up to ``MAX_FLOAT_PEAK`` are clipped to [-1, 1].
     """
+    import torch
+
     if not isinstance(wav, torch.Tensor):
         raise AudioError(name, f"expected a torch.Tensor, got {type(wav).__name__}", "convert it with torch.as_tensor")
     if wav.dim() != 1:
@@ -181,17 +189,21 @@ def check_waveform(wav: torch.Tensor, name: str | os.PathLike[str]) -> torch.Ten
     # numpy, not torch, for these whole-array scans: they run between training steps, and torch's
     # multi-threaded kernels wait for a busy second core (measured 80x slower on a loaded 2-core box)
     samples = wav.numpy() if wav.device.type == "cpu" else wav.cpu().numpy()
+    return wav.clamp(-1.0, 1.0) if _peak(samples, name) > 1.0 else wav
+
+
+def _peak(samples: np.ndarray, name: str | os.PathLike[str]) -> float:
+    """The peak of float samples, after :func:`check_waveform`'s refusals (non-finite, far
+    beyond full scale, silent): the checks of tensors and of :func:`read_audio`'s arrays."""
     finite = np.isfinite(samples)
     if not finite.all():
         raise AudioError(name, f"contains {int((~finite).sum())} NaN/inf samples", "re-encode or remove the file")
     peak = float(np.abs(samples).max())
     if peak > MAX_FLOAT_PEAK:
         raise _over_full_scale(name, samples, peak)
-    if peak > 1.0:
-        wav = wav.clamp(-1.0, 1.0)
     if peak < SILENCE_THRESHOLD:
         raise SilentAudio(name, "contains only silence", "check the recording or remove it from the list")
-    return wav
+    return peak
 
 
 def load_audio(
@@ -216,6 +228,24 @@ def load_audio(
     Raises :class:`AudioError` (naming the file) when it is missing, unreadable,
     empty in the requested range, non-finite, far beyond full scale or silent.
     """
+    import torch
+    import torchaudio.functional as AF
+
+    samples, file_rate = read_audio(path, sample_rate, offset, duration)
+    wav = torch.from_numpy(samples)
+    if file_rate != sample_rate:
+        wav = AF.resample(wav, orig_freq=file_rate, new_freq=sample_rate)
+    return wav
+
+
+def read_audio(
+    path: str | os.PathLike[str],
+    sample_rate: int = 16000,
+    offset: float = 0.0,
+    duration: float | None = None,
+) -> tuple[np.ndarray, int]:
+    """:func:`load_audio` without torch and without resampling: the checked mono float32
+    samples (numpy) at the file's own rate, and that rate. ``sample_rate`` is only checked."""
     p = Path(path)
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
@@ -240,11 +270,10 @@ def load_audio(
         raise
     except (RuntimeError, OSError) as exc:
         raise _read_failure(p, exc) from exc
-    wav = torch.from_numpy(np.ascontiguousarray(data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)))
-    wav = check_waveform(wav, p)
-    if file_rate != sample_rate:
-        wav = AF.resample(wav, orig_freq=file_rate, new_freq=sample_rate)
-    return wav
+    samples = np.ascontiguousarray(data[:, 0] if data.shape[1] == 1 else data.mean(axis=1))
+    if samples.size == 0:
+        raise AudioError(p, "contains no samples", "check the file, offset and duration")
+    return (np.clip(samples, -1.0, 1.0) if _peak(samples, p) > 1.0 else samples), file_rate
 
 
 def save_audio(path: str | os.PathLike[str], wav: torch.Tensor | np.ndarray, sample_rate: int) -> Path:
@@ -254,7 +283,7 @@ def save_audio(path: str | os.PathLike[str], wav: torch.Tensor | np.ndarray, sam
     created if needed. Returns the path written.
     """
     p = Path(path)
-    data = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+    data = np.asarray(wav) if isinstance(wav, np.ndarray) else wav.detach().cpu().numpy()
     p.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(p), data.astype(np.float32, copy=False), int(sample_rate), format="WAV", subtype="PCM_16")
     return p
@@ -391,7 +420,7 @@ def split_long_audio(
     ``max_seconds`` gives ``[(0, len)]``; audio that is entirely silent (all
     ``|x| < 1e-6``) gives ``[]``.
     """
-    x = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+    x = np.asarray(wav) if isinstance(wav, np.ndarray) else wav.detach().cpu().numpy()
     if x.ndim != 1:
         raise ValueError(f"split_long_audio expects a 1-D waveform, got shape {x.shape}")
     x = x.astype(np.float32, copy=False)

@@ -334,10 +334,15 @@ def _requested_options(args: argparse.Namespace) -> dict:
 def _load_transcriber(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The model and the options the flags ask for, checked against each other, as a Transcriber."""
     from .fastpath import flush_denormals
+    from .onnx_runtime import OnnxTranscriber, is_onnx_folder
     from .transcribe import Transcriber, load_model
 
     flush_denormals()  # transcribe/evaluate's entry point: process-wide, so here and not in Transcriber
     given = _requested_options(args)
+    if is_onnx_folder(args.model):  # encoder.onnx + decoder.onnx + config.json: the onnxruntime transcriber
+        if args.device not in (None, "cpu"):
+            raise UserError(f"--device {args.device}", "an ONNX model runs on the CPU here", "drop --device")
+        return OnnxTranscriber(args.model, name=_option_name(args), **given)
     bundle = load_model(args.model)
     options = bundle.default_options(**given)
     options.check(bundle, name=_option_name(args))
@@ -597,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def decoding_flags(sp: argparse.ArgumentParser) -> None:
         """What transcribe and evaluate take besides their options (made from TranscribeOptions)."""
-        sp.add_argument("--model", required=True, help="exported model directory or .ckpt")
+        sp.add_argument("--model", required=True, help="exported model directory or .ckpt, or an ONNX folder "
+                        "(`export --format onnx`: run by onnxruntime)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -38,44 +38,18 @@ Three decoders (``DecodeOptions.decoder``), all but CTC the same search with oth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol, Sequence
+from dataclasses import replace
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from .model import SpeechTransformer
+from .options import DecodeOptions
 from .tokenizer import DecodeRules
+from .windows import Hypothesis
 
 NEG_INF = float("-inf")
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How to decode: the decoder and its settings. Checked, and filled in for a model family,
-    by :class:`~speechformer.options.TranscribeOptions` (``check``) and
-    ``ModelBundle.default_options`` (Whisper: ``max_len`` half the decoder's positions)."""
-
-    beam_size: int = 1
-    length_penalty: float = 1.0  # beam score = log p / length ** length_penalty
-    max_len_ratio: float = 1.0  # at most this many tokens per encoder frame
-    max_len: int = 0  # hard cap (0: the model's position table)
-    decoder: Literal["attention", "joint", "ctc"] = "attention"
-    ctc_weight: float = 0.3  # joint: weight of the CTC prefix score (0 = attention only, 1 = CTC only)
-    ctc_candidates: int = 0  # joint: tokens per beam given a CTC prefix score (0: 1.5 x beam, all if ctc_weight 1)
-
-
-@dataclass
-class Hypothesis:
-    """One decoded transcript: token ids (no prompt, no end token) and how sure the model was."""
-
-    tokens: list[int]
-    logprob: float = 0.0  # its score: the weighted sum of its scorers' log-probabilities, the end token included
-    no_speech_prob: float | None = None  # Whisper: P(<|nospeech|>) at the start-of-transcript position
-
-    @property
-    def avg_logprob(self) -> float:
-        return self.logprob / (len(self.tokens) + 1)
 
 
 def default_rules(model: SpeechTransformer) -> DecodeRules:

@@ -19,8 +19,8 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-#: The audio one Whisper window holds: its frontend pads or cuts to this, its time tokens end here.
-WHISPER_WINDOW_SECONDS = 30.0
+# The audio one Whisper window holds (its frontend pads or cuts to this): defined in the torch-free options
+from .options import WHISPER_WINDOW_SECONDS  # noqa: F401
 
 
 class LogMelFrontend(nn.Module):

@@ -1,20 +1,26 @@
 """Transcribe with the graphs of ``speechformer export --format onnx``, without PyTorch.
 
 Everything on this path is onnxruntime, numpy, soundfile and the tokenizer libraries
-(sentencepiece, Hugging Face ``tokenizers``): no module here imports torch, directly or through
-another speechformer module (``tests/test_onnx.py`` runs it in a process where ``import torch``
-fails). The encoder graph holds the log-mel frontend, so a deployment carries no feature code.
+(sentencepiece, Hugging Face ``tokenizers``; librosa to find the quiet points of long audio):
+no module here imports torch, directly or through another speechformer module
+(``tests/test_onnx.py`` runs it in a process where ``import torch`` fails). The encoder graph
+holds the log-mel frontend, so a deployment carries no feature code.
 
-Decoding is :func:`speechformer.decoding.greedy_decode`'s, step for step: the tokenizer's prompt,
-its suppressed tokens (and those suppressed at the first step), the per-utterance token limit
-tied to the encoder length and capped by the position table (Whisper: half of it, as
-``DecodeOptions.for_model``), Whisper's no-speech probability and its rule (no text where
-``P(no speech) > 0.6`` and the average log-probability is under -1), digital silence skipped.
-Rows that finish leave the batch (their caches are dropped), as in PyTorch.
+:class:`OnnxTranscriber` is the PyTorch :class:`~speechformer.transcribe.Transcriber` with the
+graphs in place of the model: the same :class:`~speechformer.options.TranscribeOptions` (and
+the same family defaults and checks), the same work around the model
+(:class:`~speechformer.windows.WindowedTranscriber`: long audio cut into windows at quiet
+points and read block by block, batching by length, Whisper's guards against text on silence
+and repetition loops, digital silence skipped), the same search step for step
+(:mod:`speechformer.onnx_search`: greedy, beam, joint CTC/attention with CTC prefix scores,
+CTC greedy; Whisper's prompt, language and task, suppressed tokens and timestamp rules), and
+the same result objects, so ``speechformer transcribe --model DIR`` writes every output format
+from either.
 
-Not here yet (issue 17, item 2): beam search and joint CTC/attention decoding, Whisper's
-timestamp rules and repetition trimming, long audio in chunks, resampling (the audio must be
-at the model's sample rate), and ``speechformer transcribe --model DIR`` choosing this path.
+What it does not do (one line says so, naming the flag): word times from a CTC head
+(``--timestamps`` on a non-Whisper model: the forced alignment is torchaudio's), ``--lm``,
+``--precision bf16``, a GPU; and it does not resample (a file at another rate than the model's
+is reported as that file's error).
 """
 
 from __future__ import annotations
@@ -22,117 +28,82 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import onnxruntime as ort
-import soundfile as sf
 
+from .audio import AudioError, read_audio
 from .errors import UserError
-from .tokenizer import MODEL_FILE, WHISPER_FILE, DecodeRules, load_tokenizer
+from .onnx_search import ctc_greedy, search
+from .options import TranscribeOptions, family_options, flag_name, timing_source, tokenizer_for, window_seconds
+from .tokenizer import MODEL_FILE, WHISPER_FILE, load_tokenizer
+from .windows import SILENCE_PEAK, Hypothesis, WindowedTranscriber, WindowResult
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 ONNX_FORMAT = "speechformer-onnx"  # speechformer.onnx_export writes it (that module needs torch)
-SILENCE_PEAK = 1e-4  # as speechformer.transcribe: a window quieter than -80 dBFS is not decoded
-NO_SPEECH_THRESHOLD, LOGPROB_THRESHOLD = 0.6, -1.0  # Whisper's rule, as Transcriber's defaults
+ONNX_FILES = ("encoder.onnx", "decoder.onnx", "config.json")
+REEXPORT = "export the model again with `speechformer export --format onnx`"
 
 
-@dataclass
-class OnnxHypothesis:
-    """One decoded window: tokens (no prompt, no end token), their log-probability, P(no speech)."""
-
-    tokens: list[int]
-    logprob: float
-    no_speech_prob: float | None = None
-
-    @property
-    def avg_logprob(self) -> float:
-        return self.logprob / (len(self.tokens) + 1)
+def is_onnx_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder of ``speechformer export --format onnx`` (by its files)."""
+    return Path(path).is_dir() and all((Path(path) / name).is_file() for name in ONNX_FILES)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+class OnnxModel:
+    """The exported graphs, their config and tokenizer. Where options are checked it stands in
+    for a :class:`~speechformer.transcribe.ModelBundle` (``tokenizer``, ``model.ctc``,
+    ``model.config.is_whisper`` / ``vocab_size``, ``window_seconds``)."""
 
-
-class OnnxTranscriber:
-    """Greedy transcription of waveforms or files with an exported ONNX folder."""
-
-    def __init__(self, folder: str | Path, num_threads: int = 0, max_batch_size: int = 32) -> None:
+    def __init__(self, folder: str | Path, threads: int = 0) -> None:
         self.folder = Path(folder)
         cfg_path = self.folder / "config.json"
         try:
             self.config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise UserError(cfg_path, f"not readable ({err})", "export the model again with `speechformer export "
-                            "--format onnx`") from err
+            raise UserError(cfg_path, f"not readable ({err})", REEXPORT) from err
         if not isinstance(self.config, dict) or self.config.get("format") != ONNX_FORMAT:
             raise UserError(cfg_path, f"not a {ONNX_FORMAT} folder", "export the model with `speechformer export "
                             "--format onnx`")
+        try:  # here, not at the top: `speechformer transcribe` tells an ONNX folder by its files first
+            import onnxruntime as ort
+        except ImportError as err:
+            raise UserError(self.folder, "an ONNX model, and onnxruntime is not installed",
+                            "pip install 'speechformer[onnx]'") from err
         options = ort.SessionOptions()
-        options.intra_op_num_threads = num_threads
+        options.intra_op_num_threads = threads
         self.encoder = self._session(self.config["encoder"], options)
         self.decoder = self._session(self.config["decoder"], options)
         if not any((self.folder / name).is_file() for name in (MODEL_FILE, WHISPER_FILE)):
             raise UserError(self.folder, f"no tokenizer ({MODEL_FILE} or {WHISPER_FILE})", "export a model that has "
                             "one (a Whisper import: import it again with --tokenizer tokenizer.json)")
         self.tokenizer = load_tokenizer(self.folder)
-        self.rules: DecodeRules = self.tokenizer.rules()
-        model = self.config["model"]
+        c = self.config["model"]
         self.whisper = self.config["family"] == "whisper"
         self.sample_rate = int(self.config["sample_rate"])
-        cap = model["max_target_positions"] - len(self.rules.prompt)
-        self.max_tokens = max(1, min(cap, model["max_target_positions"] // 2) if self.whisper else cap)
-        window = 1.25 * self.config["max_input_seconds"]  # Transcriber's chunk_seconds
-        self.max_samples = int((min(30.0, window) if self.whisper else window) * self.sample_rate)
-        self.cache_shape = (model["n_decoder_layers"], model["n_heads"], model["d_model"] // model["n_heads"])
-        self.max_batch_size = max_batch_size
-        vocab = model["vocab_size"]
-        self.suppress = np.zeros(vocab, dtype=bool)
-        self.suppress[[i for i in self.rules.suppress if i < vocab]] = True
-        self.suppress_first = self.suppress.copy()
-        self.suppress_first[[i for i in self.rules.suppress_at_start if i < vocab]] = True
+        self.positions, self.vocab_size, self.blank = c["max_target_positions"], c["vocab_size"], c["blank_id"]
+        self.cache_shape = (c["n_decoder_layers"], c["n_heads"], c["d_model"] // c["n_heads"])
+        has_ctc = "ctc_log_probs" in self.config["encoder"]["outputs"]
+        self.model = SimpleNamespace(ctc=True if has_ctc else None,
+                                     config=SimpleNamespace(is_whisper=self.whisper, vocab_size=self.vocab_size))
+        self.window_seconds = window_seconds(self.whisper, float(self.config["max_input_seconds"]))
 
-    def _session(self, graph: dict[str, Any], options: ort.SessionOptions) -> ort.InferenceSession:
+    def _session(self, graph: dict[str, Any], options: "ort.SessionOptions") -> "ort.InferenceSession":
+        import onnxruntime as ort
+
         path = self.folder / graph["file"]
         if not path.is_file():
-            raise UserError(path, "not found", "export the model again with `speechformer export --format onnx`")
+            raise UserError(path, "not found", REEXPORT)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    # --------------------------------------------------------------- public API
-    def transcribe(self, paths: Sequence[str | Path]) -> list[str]:
-        """The text of each file (each within one window: see the module docstring)."""
-        return self.transcribe_waveforms([self.load(p) for p in paths])
+    def default_options(self, **overrides: Any) -> TranscribeOptions:
+        """The family's defaults, then ``overrides`` (as ``ModelBundle.default_options``)."""
+        return family_options(self.whisper, self.positions, **overrides)
 
-    def transcribe_waveforms(self, wavs: Sequence[np.ndarray]) -> list[str]:
-        """Texts for 1-D float32 waveforms at the model's sample rate, batched by length."""
-        for i, wav in enumerate(wavs):
-            if len(wav) > self.max_samples:
-                raise UserError(f"waveform {i}", f"{len(wav) / self.sample_rate:.1f} s is longer than one window "
-                                f"({self.max_samples / self.sample_rate:.1f} s), and the ONNX runtime does not "
-                                "cut long audio yet", "cut it, or transcribe it with the PyTorch model")
-        texts = [""] * len(wavs)
-        live = [i for i, w in enumerate(wavs) if len(w) and float(np.abs(w).max()) > SILENCE_PEAK]
-        order = sorted(live, key=lambda i: len(wavs[i]))
-        for start in range(0, len(order), self.max_batch_size):
-            rows = order[start:start + self.max_batch_size]
-            for i, hyp in zip(rows, self.greedy(self.encode([wavs[i] for i in rows]))):
-                texts[i] = self.tokenizer.decode(self._kept(hyp))
-        return texts
-
-    def load(self, path: str | Path) -> np.ndarray:
-        """A mono float32 waveform at the model's sample rate (channels averaged)."""
-        try:
-            wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        except (OSError, RuntimeError, sf.LibsndfileError) as err:
-            raise UserError(path, f"cannot read audio ({err})", "check the file") from err
-        if rate != self.sample_rate:
-            raise UserError(path, f"sampled at {rate} Hz, the model takes {self.sample_rate} Hz, and the ONNX "
-                            "runtime does not resample", f"resample it to {self.sample_rate} Hz first")
-        return np.clip(wav.mean(axis=1), -1.0, 1.0)
-
-    # --------------------------------------------------------------- the graphs
     def encode(self, wavs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Zero-padded batch -> the encoder graph's outputs by name."""
         lengths = np.array([len(w) for w in wavs], dtype=np.int64)
@@ -145,72 +116,111 @@ class OnnxTranscriber:
         outputs = self.encoder.run(None, {"wav": batch, "wav_lengths": lengths})
         return dict(zip(self.config["encoder"]["outputs"], outputs))
 
-    def greedy(self, enc: dict[str, np.ndarray]) -> list[OnnxHypothesis]:
-        """The most likely token at every step, for the whole batch at once."""
-        rules = self.rules
-        mem_lengths = enc["mem_lengths"]
-        b = len(mem_lengths)
-        limits = np.clip(mem_lengths.astype(np.int64) + 2, 1, self.max_tokens)
-        max_len = int(limits.max())
-        layers, heads, head_dim = self.cache_shape
-        cache = [np.zeros((layers, b, heads, 0, head_dim), np.float32) for _ in range(2)]
-        cross_k, cross_v = enc["cross_k"], enc["cross_v"]
-        tokens = np.tile(np.array(rules.prompt, dtype=np.int64), (b, 1))
-        out = np.full((b, max_len), rules.eos_id, dtype=np.int64)
-        logprob = np.zeros(b, dtype=np.float64)
-        rows = np.arange(b)
-        finished = np.zeros(b, dtype=bool)
-        no_speech = None
-        for step in range(max_len):
-            log_probs, *cache = self.decoder.run(None, {"tokens": tokens, "self_k": cache[0], "self_v": cache[1],
-                                                        "cross_k": cross_k, "cross_v": cross_v,
-                                                        "mem_lengths": mem_lengths})
-            if step == 0 and rules.no_speech_id is not None:
-                no_speech = np.exp(log_probs[:, rules.sot_index, rules.no_speech_id])
-            logp = _log_softmax(np.where(self.suppress_first if step == 0 else self.suppress, -np.inf,
-                                         log_probs[:, -1]))
-            nxt = logp.argmax(-1)
-            logprob[rows] += np.where(finished, 0.0, logp[np.arange(len(rows)), nxt])
-            nxt = np.where(finished, rules.eos_id, nxt)
-            out[rows, step] = nxt
-            finished |= (nxt == rules.eos_id) | (step + 1 >= limits[rows])
-            if finished.all():
-                break
-            if finished.any():  # finished rows leave the batch with their caches
-                keep = ~finished
-                cache = [c[:, keep] for c in cache]
-                cross_k, cross_v, mem_lengths = cross_k[:, keep], cross_v[:, keep], mem_lengths[keep]
-                rows, nxt, finished = rows[keep], nxt[keep], finished[keep]
-            tokens = nxt[:, None]
-        hyps = []
-        for i, row in enumerate(out.tolist()):
-            ids = row[:row.index(rules.eos_id)] if rules.eos_id in row else row
-            hyps.append(OnnxHypothesis(ids, float(logprob[i]), None if no_speech is None else float(no_speech[i])))
-        return hyps
+    def step(self, tokens: np.ndarray, cache: tuple[np.ndarray, np.ndarray], cross_k: np.ndarray,
+             cross_v: np.ndarray, mem_lengths: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """One decoder step: log-probabilities [N, L, V] and the grown caches."""
+        log_probs, k, v = self.decoder.run(None, {"tokens": tokens, "self_k": cache[0], "self_v": cache[1],
+                                                  "cross_k": cross_k, "cross_v": cross_v,
+                                                  "mem_lengths": mem_lengths})
+        return log_probs, (k, v)
 
-    def _kept(self, hyp: OnnxHypothesis) -> list[int]:
-        """Whisper's rule: probably no speech and an unsure transcript -> no text."""
-        if (hyp.no_speech_prob is not None and hyp.no_speech_prob > NO_SPEECH_THRESHOLD
-                and hyp.avg_logprob < LOGPROB_THRESHOLD):
-            return []
-        return hyp.tokens
+
+#: options the PyTorch path has and this one does not: (refused when, why)
+UNSUPPORTED = {
+    "lm": (lambda o: o.lm is not None, "a language model needs PyTorch"),
+    "precision": (lambda o: o.precision != "fp32", "the graphs are float32 (or int8: export with --quantize int8)"),
+}
+
+
+class OnnxTranscriber(WindowedTranscriber):
+    """Transcribes audio files with an exported ONNX folder (see the module docstring).
+
+    >>> t = OnnxTranscriber("exp/model_onnx", beam_size=4)   # doctest: +SKIP
+    >>> [r.text for r in t.transcribe(["a.wav"])]             # doctest: +SKIP
+    """
+
+    whisper_words = False  # no attention weights in the graphs: Whisper gets segment times only
+
+    def __init__(self, folder: str | Path, options: TranscribeOptions | None = None, threads: int = 0,
+                 name: Callable[[str], str] = flag_name, **overrides: Any) -> None:
+        """``options`` (default: the family's, then ``overrides``), checked against the graphs
+        as the PyTorch path checks them against the model (``name``: a field's flag in the
+        refusals); ``threads``: onnxruntime's (0: its default)."""
+        self.bundle = OnnxModel(folder, threads)
+        options = self.bundle.default_options(**overrides) if options is None else options
+        options.check(self.bundle, name=name)  # type: ignore[arg-type]  # stands in for a ModelBundle
+        _refuse_unsupported(options, self.bundle, name)
+        self.options = options
+        self.tokenizer = tokenizer_for(options, self.bundle.tokenizer)
+        self.timing = timing_source(self.bundle) if options.timestamps else None  # type: ignore[arg-type]
+        self.rules = self.tokenizer.rules(timestamps=True) if self.timing == "whisper" else self.tokenizer.rules()
+        self.sample_rate = self.bundle.sample_rate
+        self.chunk_seconds = options.chunk_length(self.bundle)  # type: ignore[arg-type]
+        self.stream_seconds = max(options.stream_seconds, 4 * self.chunk_seconds)
+
+    def _read(self, path: Path, offset: float, duration: float | None) -> np.ndarray:
+        wav, rate = read_audio(path, self.sample_rate, offset, duration)
+        if rate != self.sample_rate:
+            raise AudioError(path, f"sampled at {rate} Hz, the model takes {self.sample_rate} Hz, and the ONNX "
+                             "runtime does not resample", f"resample it to {self.sample_rate} Hz first")
+        return wav
+
+    def _window_cost(self, samples: int) -> int:
+        # a Whisper window always costs 30 s of encoder, however short its audio
+        return int(self.chunk_seconds * self.sample_rate) if self.bundle.whisper else samples
+
+    def _run(self, wavs: Sequence[np.ndarray]) -> list[WindowResult]:
+        out = [self._nothing()] * len(wavs)
+        live = [i for i, w in enumerate(wavs) if len(w) and float(np.abs(w).max()) > SILENCE_PEAK]
+        if live:
+            for i, hyp in zip(live, self.decode(self.bundle.encode([wavs[i] for i in live]))):
+                out[i] = self._window(self._kept(hyp), len(wavs[i]))
+        return out
+
+    def decode(self, enc: dict[str, np.ndarray]) -> list[Hypothesis]:
+        """The decoder the options ask for, over one batch's encoder outputs."""
+        m, d = self.bundle, self.options.decode
+        if d.decoder == "ctc":
+            return ctc_greedy(enc["ctc_log_probs"], enc["mem_lengths"], m.blank)
+        return search(m.step, enc, d, self.rules, m.cache_shape, m.vocab_size, m.positions, m.blank)
+
+
+def _refuse_unsupported(options: TranscribeOptions, model: OnnxModel, name: Callable[[str], str]) -> None:
+    """One line for what the PyTorch path does and this one cannot."""
+    for field, (asked, why) in UNSUPPORTED.items():
+        if asked(options):
+            raise UserError(name(field), f"not available with an ONNX model ({model.folder}): {why}",
+                            "drop the flag, or transcribe with the PyTorch model")
+    if options.timestamps and not model.whisper:
+        raise UserError(name("timestamps"), f"word times from a CTC head need PyTorch's forced alignment, "
+                        f"and {model.folder} is an ONNX model", "drop --timestamps, or transcribe with the PyTorch "
+                        "model")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m speechformer.onnx_runtime --model DIR FILE...``: one line of text per file."""
+    """``python -m speechformer.onnx_runtime --model DIR FILE...``: one line of text per file
+    (an unreadable file: its error on stderr, an empty line, exit status 1)."""
     parser = argparse.ArgumentParser(prog="python -m speechformer.onnx_runtime", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="folder written by `speechformer export --format onnx`")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    parser.add_argument("--beam-size", type=int, default=1)
+    parser.add_argument("--decoder", choices=["attention", "joint", "ctc"], default="attention")
+    parser.add_argument("--ctc-weight", type=float, default=None, help="joint: weight of the CTC prefix scores")
     parser.add_argument("files", nargs="+", help="audio files at the model's sample rate")
     args = parser.parse_args(argv)
+    given = {"beam_size": args.beam_size, "decoder": args.decoder}
+    if args.ctc_weight is not None:
+        given["ctc_weight"] = args.ctc_weight
     try:
-        texts = OnnxTranscriber(args.model, num_threads=args.threads).transcribe(args.files)
+        results = OnnxTranscriber(args.model, threads=args.threads, **given).transcribe(args.files)
     except (OSError, ValueError) as err:  # UserError is a ValueError: its message is the whole line
         print(f"error: {err}", file=sys.stderr)
         return 1
-    for text in texts:
-        print(text)
-    return 0
+    for r in results:
+        if not r.ok:
+            print(f"error: {r.error}", file=sys.stderr)
+        print(r.text)
+    return 0 if all(r.ok for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -31,9 +31,7 @@ import types
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
 
-from .decoding import DecodeOptions
 from .errors import UserError
-from .frontend import WHISPER_WINDOW_SECONDS
 from .tokenizer import WhisperTokenizer
 
 if TYPE_CHECKING:
@@ -48,6 +46,24 @@ CHUNK_HEADROOM = 1.25
 WHISPER_GUARDS = {"no_speech_threshold": 0.6, "logprob_threshold": -1.0, "compression_ratio_threshold": 2.4}
 
 Timing = Literal["ctc", "whisper"]
+
+#: Whisper's window: its encoder reads 30 s (1500 frames), however short the audio.
+WHISPER_WINDOW_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode: the decoder and its settings. Checked, and filled in for a model family,
+    by :class:`~speechformer.options.TranscribeOptions` (``check``) and
+    ``ModelBundle.default_options`` (Whisper: ``max_len`` half the decoder's positions)."""
+
+    beam_size: int = 1
+    length_penalty: float = 1.0  # beam score = log p / length ** length_penalty
+    max_len_ratio: float = 1.0  # at most this many tokens per encoder frame
+    max_len: int = 0  # hard cap (0: the model's position table)
+    decoder: Literal["attention", "joint", "ctc"] = "attention"
+    ctc_weight: float = 0.3  # joint: weight of the CTC prefix score (0 = attention only, 1 = CTC only)
+    ctc_candidates: int = 0  # joint: tokens per beam given a CTC prefix score (0: 1.5 x beam, all if ctc_weight 1)
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,26 @@ class TranscribeOptions:
                                 f"add {name('lm')} DIR, or drop the flag")
         if bundle is not None:
             _check_model(self, bundle, name)
+
+
+def family_options(whisper: bool, max_target_positions: int, **overrides: Any) -> TranscribeOptions:
+    """The options a model family needs, then ``overrides`` (any option by name): the one place
+    that knows the families apart (``ModelBundle.default_options``, the onnxruntime transcriber).
+
+    Whisper: at most half the decoder's positions per window (openai-whisper's ``sample_len``, so
+    a repetition loop cannot run to 446 tokens), and the guards against text on silence and
+    repetition loops (:data:`WHISPER_GUARDS`). Other models: no guards."""
+    if whisper:
+        base = TranscribeOptions(DecodeOptions(max_len=max_target_positions // 2), **WHISPER_GUARDS)
+    else:
+        base = TranscribeOptions()
+    return base.replace(**overrides)
+
+
+def window_seconds(whisper: bool, max_input_seconds: float) -> float:
+    """The longest audio decoded as one window: Whisper's 30 s, or a little more than the
+    longest training utterance (:data:`CHUNK_HEADROOM`); longer audio is cut."""
+    return WHISPER_WINDOW_SECONDS if whisper else CHUNK_HEADROOM * max_input_seconds
 
 
 def _check_model(options: TranscribeOptions, bundle: "ModelBundle", name: Callable[[str], str]) -> None:

@@ -19,10 +19,10 @@ around each segment of text (:func:`whisper_segments`), and each segment becomes
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported by the aligner alone: segments and cues are read without it (onnx_runtime)
+    from torch import Tensor
 
 WORD_START = "\u2581"  # sentencepiece's word-start marker
 
@@ -79,6 +79,7 @@ def align_tokens(log_probs: Tensor, tokens: Sequence[int], blank: int) -> list[t
     ``log_probs`` [T, V] of one utterance (its real frames only). Raises ``ValueError`` when
     the tokens cannot be aligned (more frames needed than there are).
     """
+    import torch
     import torchaudio.functional as AF
 
     if not tokens:

