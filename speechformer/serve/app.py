@@ -264,7 +264,7 @@ def _decode(form: Form, server: Server) -> Any:
     with ``--save-dir``."""
     assert form.file is not None
     if server.config.save_dir is not None:
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-{safe_name(form.filename)}"
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-{safe_name(Path(form.filename).name or 'upload')}"
         data = form.file
         atomic_write(server.config.save_dir / name, lambda tmp: Path(tmp).write_bytes(data))
     try:
@@ -342,7 +342,7 @@ def create_app(worker: Worker, config: ServerConfig, routers: Sequence[APIRouter
     install_handlers(app)
     for r in (router, *routers):
         app.include_router(r)
-    known = {route.path for route in app.routes if hasattr(route, "path")}
+    known = {route.path for r in (router, *routers) for route in r.routes if hasattr(route, "path")}
     app.add_middleware(CountRequests, metrics=server.metrics, known=known)
     return app
 

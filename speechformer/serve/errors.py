@@ -59,13 +59,9 @@ def field_error(err: UserError, fields: dict[str, str]) -> APIError:
         return fields.get(name, name) if name in options else match.group(0)
 
     message = _FLAG.sub(as_field, str(err))
-    first = _FLAG.match(err.what)
-    param = None
-    if first:
-        name = first.group(1).replace("-", "_")
-        param = fields.get(name, name)
-    elif err.what.split(" ")[0] in fields.values():
-        param = err.what.split(" ")[0]
+    word = err.what.split(" ")[0]
+    word = word[2:].replace("-", "_") if word.startswith("--") else word
+    param = fields.get(word, word) if word in options or word in fields.values() else None
     return APIError(400, message, param=param, code="invalid_value")
 
 
