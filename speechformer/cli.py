@@ -602,7 +602,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import require_server_packages, serve_command
 
     require_server_packages()  # before the model loads: one line naming the extra
-    return serve_command(args, _load_transcriber(args))
+    return serve_command(args, lambda: _load_transcriber(args))
 
 
 def add_serve_command(sub: argparse._SubParsersAction, decoding_flags) -> None:  # type: ignore[no-untyped-def]

@@ -420,12 +420,26 @@ def test_sigterm_finishes_the_queued_requests_then_exits(talkative_model, wavs):
     assert "speechformer serve: model on http://127.0.0.1" in err and "Traceback" not in err
 
 
-def test_serve_refuses_bad_flags_in_one_line(untrained_model, capsys):
+def test_serve_refuses_bad_flags_in_one_line(tmp_path, capsys, monkeypatch):
+    """Before any model loads (the model given does not exist): a bad flag, a missing extra."""
+    import importlib.util
+
     from speechformer.cli import main
 
-    assert main(["serve", "--model", str(untrained_model["model"]), "--queue-size", "0"]) == 2
+    assert main(["serve", "--model", str(tmp_path / "nowhere"), "--queue-size", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --queue-size: must be at least 1, got 0; give a whole number of 1 or more"]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else find_spec(name, *a))
+    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: serve: needs fastapi, which is not installed; pip install 'speechformer[serve]'"]
+    # and the command line without `serve` never imports the server's packages
+    code = "import sys, speechformer.cli as c; c.build_parser().parse_args(['serve', '--model', 'm']); " \
+           "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(
+        os.environ, PYTHONPATH=str(ROOT)), check=True).stdout
+    assert out.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------- Whisper

@@ -19,7 +19,7 @@ never imports this package, so it needs none of them.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import UserError
 
@@ -39,10 +39,10 @@ def require_server_packages() -> None:
                         "pip install 'speechformer[serve]'")
 
 
-def serve_command(args: argparse.Namespace, transcriber: "Transcriber") -> int:
-    """``speechformer serve``: serve ``transcriber`` (the model and the flags' options, built by
-    the command line as ``transcribe`` builds its own) until SIGTERM."""
+def serve_command(args: argparse.Namespace, load: "Callable[[], Transcriber]") -> int:
+    """``speechformer serve``: check the flags, ``load()`` the transcriber (the model and the
+    flags' options, built by the command line as ``transcribe`` builds its own), serve it until SIGTERM."""
     require_server_packages()
     from .app import run_server
 
-    return run_server(args, transcriber)
+    return run_server(args, load)

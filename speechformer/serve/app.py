@@ -28,7 +28,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -390,12 +390,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, save_dir=save_dir)
 
 
-def run_server(args: argparse.Namespace, transcriber: Transcriber) -> int:
-    """Serve ``transcriber``'s model until SIGTERM or Ctrl-C: uvicorn stops accepting, finishes
-    the open requests (the worker keeps running for them), then the worker stops."""
+def run_server(args: argparse.Namespace, load: Callable[[], Transcriber]) -> int:
+    """Check the flags, ``load()`` the model, serve it until SIGTERM or Ctrl-C: uvicorn stops
+    accepting, finishes the open requests (the worker keeps running for them), then the worker stops."""
     import uvicorn
 
-    config = config_from_args(args)
+    config = config_from_args(args)  # a bad flag is one line before the model loads
+    transcriber = load()
     worker = Worker(transcriber, max_batch_seconds=args.max_batch_seconds, max_wait_ms=args.max_wait_ms,
                     queue_size=args.queue_size, batching=args.batching == "on")
     app = create_app(worker, config)
