@@ -399,7 +399,9 @@ def run_server(args: argparse.Namespace, load: Callable[[], Transcriber]) -> int
     transcriber = load()
     worker = Worker(transcriber, max_batch_seconds=args.max_batch_seconds, max_wait_ms=args.max_wait_ms,
                     queue_size=args.queue_size, batching=args.batching == "on")
-    app = create_app(worker, config)
+    from .web import router as web  # the page at / and its look-inside view
+
+    app = create_app(worker, config, routers=[web])
     print(f"speechformer serve: {config.model_name} on http://{args.host}:{args.port} (batching {args.batching}, "
           f"{'API key required' if config.api_key else 'no API key'})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
