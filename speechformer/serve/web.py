@@ -11,16 +11,18 @@ passes to :func:`~.app.create_app`.
 
 Explaining captures attention weights by swapping how the attention modules compute
 (:func:`~speechformer.model.capture_attention`), which must not touch the worker's batches
-running at the same time: it runs on its own copy of the model, made on first use, one
-request at a time.
+running at the same time: it runs on its own copy of the model's modules (sharing the
+worker's weight tensors, so it costs no memory to speak of), made on first use, one request at a time.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from importlib import resources
 
+import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -67,6 +69,18 @@ def _explain_png(server: Server, wav) -> bytes:  # type: ignore[no-untyped-def]
     with _explain_lock:
         own: ModelBundle | None = getattr(server, "explain_bundle", None)
         if own is None:
-            own = server.explain_bundle = copy.deepcopy(server.worker.bundle)  # type: ignore[attr-defined]
+            own = server.explain_bundle = modules_copy(server.worker.bundle)  # type: ignore[attr-defined]
         exp = explain_waveform(own, wav, options=server.transcriber.options.replace(timestamps=False))
         return best_head_word_png(exp)
+
+
+def modules_copy(bundle: ModelBundle) -> ModelBundle:
+    """``bundle`` with a copy of its model's modules that shares every tensor: attention
+    capture sets a module's ``recorder``, which then touches the copy only. (A full deep copy
+    would double the memory, and cannot copy oneDNN-prepacked weights at all.)"""
+    shared: dict[int, object] = {}
+    for module in bundle.model.modules():
+        for value in (*module._parameters.values(), *module._buffers.values(), *vars(module).values()):
+            if isinstance(value, torch.Tensor):
+                shared[id(value)] = value
+    return dataclasses.replace(bundle, model=copy.deepcopy(bundle.model, shared))
