@@ -8,7 +8,6 @@ worker) it puts back before it ends.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
