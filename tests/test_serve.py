@@ -8,7 +8,6 @@ worker) it puts back before it ends.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -279,12 +278,16 @@ def test_a_request_gets_the_same_text_alone_and_in_a_batch_of_16(served, wavs):
     alone = [served.post(w).json()["text"] for w in wavs]
     expected = [r.text for r in served.transcriber.transcribe(wavs)]
     assert alone == expected and len(set(alone)) > 1
-    with gated(served) as gate, ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(served.post, w) for w in wavs]
-        wait_for(lambda: gate.entered.is_set() and served.worker.queue_length == 16 - gate.batches[0],
-                 state=lambda: (gate.batches, served.worker.queue_length))
-        gate.open_.set()  # the first batch held, the others queued behind it: then they go together
-        together = [f.result().json()["text"] for f in futures]
+    served.worker.queue_size = 16  # the fixture's 4 is for the full-queue test
+    try:
+        with gated(served) as gate, ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(served.post, w) for w in wavs]
+            wait_for(lambda: gate.entered.is_set() and served.worker.queue_length == 16 - gate.batches[0],
+                     state=lambda: (gate.batches, served.worker.queue_length))
+            gate.open_.set()  # the first batch held, the others queued behind it: then they go together
+            together = [f.result().json()["text"] for f in futures]
+    finally:
+        served.worker.queue_size = 4
     assert together == alone
     assert sum(gate.batches) == 16 and max(gate.batches) >= 8
 

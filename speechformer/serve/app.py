@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..atomic import atomic_write
@@ -78,12 +78,12 @@ class Server:
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
 
+    timed: bool = field(init=False)  # the model can time its transcript (srt, vtt)
+    word_times: bool = field(init=False)  # ... and its transcriber gives word times
+
     @property
     def transcriber(self) -> Transcriber:
         return self.worker.base
-
-    timed: bool = field(init=False)  # the model can time its transcript (srt, vtt)
-    word_times: bool = field(init=False)  # ... and its transcriber gives word times
 
     def __post_init__(self) -> None:
         """What the model can time, found once. Whether word times come is asked of the timed

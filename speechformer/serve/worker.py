@@ -160,9 +160,11 @@ class Worker:
                 self._cond.wait()
             if self.batching:
                 deadline = self._pending[0].arrived + self.max_wait
-                while (self._pending and not self._stopping and self._ready_seconds() < self.max_batch_seconds
-                       and deadline > time.monotonic()):
-                    self._cond.wait(deadline - time.monotonic())
+                while self._pending and not self._stopping and self._ready_seconds() < self.max_batch_seconds:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
             return self._gather() if self._pending else []
 
     def _ready_seconds(self) -> float:
