@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import errno
 import glob
+import io
 import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +39,7 @@ __all__ = [
     "AudioError",
     "audio_info",
     "check_waveform",
+    "decode_audio",
     "expand_audio_paths",
     "find_audio_paths",
     "load_audio",
@@ -247,33 +250,64 @@ def read_audio(
     """:func:`load_audio` without torch and without resampling: the checked mono float32
     samples (numpy) at the file's own rate, and that rate. ``sample_rate`` is only checked."""
     p = Path(path)
-    if sample_rate <= 0:
-        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    if offset < 0 or (duration is not None and duration <= 0):
-        raise ValueError(f"offset must be >= 0 and duration > 0, got offset={offset}, duration={duration}")
     try:
-        with sf.SoundFile(str(p)) as f:
-            file_rate = int(f.samplerate)
-            total = int(f.frames)
-            start = int(round(offset * file_rate))
-            stop = total if duration is None else min(total, start + int(round(duration * file_rate)))
-            if start >= total and total > 0:
-                raise AudioError(
-                    p,
-                    f"offset {offset:.3f} s is at or past the end of the file ({total / file_rate:.3f} s)",
-                    "check the segment times",
-                )
-            if start > 0:
-                f.seek(start)
-            data = f.read(frames=max(0, stop - start), dtype="float32", always_2d=True)
+        return _read_mono(str(p), p, sample_rate, offset, duration)
     except AudioError:
         raise
     except (RuntimeError, OSError) as exc:
         raise _read_failure(p, exc) from exc
+
+
+def decode_audio(data: bytes, name: str, sample_rate: int = 16000) -> torch.Tensor:
+    """An audio file's bytes (an upload to ``speechformer serve``) as :func:`load_audio` reads a
+    file: mono float32 at ``sample_rate``, checked the same way, with :class:`AudioError` naming
+    ``name``. Decoded in memory: the bytes are never written to disk."""
+    import torch
+    import torchaudio.functional as AF
+
+    if not data:
+        raise AudioError(name, "file is empty (0 bytes)", "send the whole audio file")
+    try:
+        samples, file_rate = _read_mono(io.BytesIO(data), name, sample_rate, 0.0, None)
+    except AudioError:
+        raise
+    except (RuntimeError, OSError) as exc:  # LibsndfileError is a RuntimeError
+        detail = str(exc).replace("Error opening <_io.BytesIO object", "").strip() or type(exc).__name__
+        detail = re.sub(r"^at 0x[0-9a-f]+>: ", "", detail)
+        raise AudioError(name, f"cannot be read as audio ({detail})", "check that it is a complete file in a "
+                         f"supported format ({', '.join(AUDIO_EXTENSIONS)}), or convert it to 16-bit WAV") from exc
+    wav = torch.from_numpy(samples)
+    if file_rate != sample_rate:
+        wav = AF.resample(wav, orig_freq=file_rate, new_freq=sample_rate)
+    return wav
+
+
+def _read_mono(source: str | io.BytesIO, name: str | os.PathLike[str], sample_rate: int, offset: float,
+               duration: float | None) -> tuple[np.ndarray, int]:
+    """The reading behind :func:`read_audio` and :func:`decode_audio` (``source``: a path or the
+    bytes): checked mono float32 samples at the file's rate, and that rate."""
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if offset < 0 or (duration is not None and duration <= 0):
+        raise ValueError(f"offset must be >= 0 and duration > 0, got offset={offset}, duration={duration}")
+    with sf.SoundFile(source) as f:
+        file_rate = int(f.samplerate)
+        total = int(f.frames)
+        start = int(round(offset * file_rate))
+        stop = total if duration is None else min(total, start + int(round(duration * file_rate)))
+        if start >= total and total > 0:
+            raise AudioError(
+                name,
+                f"offset {offset:.3f} s is at or past the end of the file ({total / file_rate:.3f} s)",
+                "check the segment times",
+            )
+        if start > 0:
+            f.seek(start)
+        data = f.read(frames=max(0, stop - start), dtype="float32", always_2d=True)
     samples = np.ascontiguousarray(data[:, 0] if data.shape[1] == 1 else data.mean(axis=1))
     if samples.size == 0:
-        raise AudioError(p, "contains no samples", "check the file, offset and duration")
-    return (np.clip(samples, -1.0, 1.0) if _peak(samples, p) > 1.0 else samples), file_rate
+        raise AudioError(name, "contains no samples", "check the file, offset and duration")
+    return (np.clip(samples, -1.0, 1.0) if _peak(samples, name) > 1.0 else samples), file_rate
 
 
 def save_audio(path: str | os.PathLike[str], wav: torch.Tensor | np.ndarray, sample_rate: int) -> Path:

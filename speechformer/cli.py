@@ -536,6 +536,38 @@ def add_lm_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_lm_perplexity)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import require_server_packages, serve_command
+
+    require_server_packages()  # before the model loads: one line naming the extra
+    return serve_command(args, lambda: _load_transcriber(args))
+
+
+def add_serve_command(sub: argparse._SubParsersAction, decoding_flags) -> None:  # type: ignore[no-untyped-def]
+    """``speechformer serve``: the transcription options of ``transcribe`` are the requests' defaults."""
+    sv = sub.add_parser("serve", help="an OpenAI-compatible transcription server (POST /v1/audio/transcriptions) "
+                        "batching across requests; needs the serve extra", options="transcribe")
+    decoding_flags(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument("--max-batch-seconds", type=float, default=240.0,
+                    help="audio seconds the worker gathers from waiting requests into one batch")
+    sv.add_argument("--max-wait-ms", type=float, default=50.0,
+                    help="how long the oldest waiting request may wait for others to join its batch")
+    sv.add_argument("--batching", choices=("on", "off"), default="on",
+                    help="off: one request at a time (no batching across requests), for comparison")
+    sv.add_argument("--queue-size", type=int, default=256, help="requests waiting at most; more get 429")
+    sv.add_argument("--timeout-s", type=float, default=600.0, help="a request not transcribed by then gets 504")
+    sv.add_argument("--max-upload-mb", type=float, default=25.0, help="larger uploads get 413 (OpenAI's limit)")
+    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: "
+                    "$SPEECHFORMER_API_KEY; none: open); GET /health stays open")
+    sv.add_argument("--save-dir", default=None, help="keep each uploaded file here (default: no audio is written "
+                    "anywhere)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                    help="uvicorn's log level")
+    sv.set_defaults(func=cmd_serve)
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = HelpParser(prog="speechformer", description=DESCRIPTION)
@@ -623,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--flush-every", type=int, default=64,
                     help="files decoded together before their transcripts are saved (a kill loses at most these)")
     tr.set_defaults(func=cmd_transcribe)
+
+    add_serve_command(sub, decoding_flags)
 
     ev = sub.add_parser("evaluate", help="transcribe a manifest and score WER/CER with an error report",
                         options="evaluate")

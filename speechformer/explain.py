@@ -320,6 +320,37 @@ def write_explanation(exp: Explanation, out_dir: str | Path, title: str = "utter
     return files
 
 
+def word_attention(exp: Explanation) -> tuple[list[str], np.ndarray]:
+    """The best-aligned head's attention word by word: each spoken word's label (its pieces
+    joined, word marks dropped) and its pieces' attention summed, ``[words, encoder frames]``."""
+    bl, bh = exp.best_head
+    groups = word_groups(exp.pieces, exp.spoken)
+    attention = exp.cross[bl, bh]
+    labels = ["".join(exp.pieces[r] for r in g).lstrip("".join(WORD_MARKS)) for g in groups]
+    rows = [attention[g].sum(0) for g in groups]
+    return labels, (np.stack(rows) if rows else np.zeros((0, attention.shape[-1]), dtype=attention.dtype))
+
+
+def best_head_word_png(exp: Explanation) -> bytes:
+    """The spectrogram with the best-aligned head over it, one row per spoken word, as PNG
+    bytes: the server's "look inside" view (``POST /v1/speechformer/explain``)."""
+    import io
+
+    from .plot import pyplot
+
+    plt = pyplot()
+    labels, attention = word_attention(exp)
+    bl, bh = exp.best_head
+    enc_seconds = exp.cross.shape[-1] * exp.encoder_frame_seconds
+    fig = _alignment_figure(plt, exp, attention, f"best-aligned cross-attention head (decoder layer {bl}, head {bh},"
+                            f" score {exp.head_scores[bl, bh]:.2f}), word by word", enc_seconds, labels)
+    fig.axes[1].set_ylabel("word")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _draw_spectrogram(ax: Any, exp: Explanation) -> None:
     seconds = exp.spectrogram.shape[0] * exp.frame_seconds
     ax.imshow(exp.spectrogram.T, origin="lower", aspect="auto", cmap="viridis",

@@ -246,7 +246,6 @@ class WindowedTranscriber:
 
     def _transcribe_loaded(self, items: Sequence[AudioItem], loaded: Sequence[Any | AudioError]
                            ) -> list[TranscriptResult]:
-        max_samples = int(self.chunk_seconds * self.sample_rate)
         segments: list[tuple[int, int, Any]] = []  # (item index, first sample, waveform piece)
         results = []
         for n, (item, wav) in enumerate(zip(items, loaded)):
@@ -254,11 +253,7 @@ class WindowedTranscriber:
                 results.append(TranscriptResult(item.key, item.path, error=str(wav)))
                 continue
             results.append(self._result(item, len(wav) / self.sample_rate))
-            if len(wav) <= max_samples:
-                segments.append((n, 0, wav))
-            else:
-                for s, e in self._spans(wav):
-                    segments.append((n, s, wav[s:e]))
+            segments += [(n, start, piece) for start, piece in self.chunks(wav)]
         decoded = self._decode_chunks([w for _, _, w in segments])
         pieces: dict[int, list[str]] = {}
         for (n, start, _), window in zip(segments, decoded):
@@ -270,6 +265,14 @@ class WindowedTranscriber:
             if result.ok:
                 result.text = " ".join(pieces.get(n, []))
         return results
+
+    def chunks(self, wav: Any) -> list[tuple[int, Any]]:
+        """A whole file's waveform as the windows it is decoded in: ``(first sample, piece)``, the
+        file itself when it fits in one chunk, else pieces cut at quiet points. What
+        :meth:`transcribe_items` does to a file, for callers holding the waveform (the server)."""
+        if len(wav) <= int(self.chunk_seconds * self.sample_rate):
+            return [(0, wav)]
+        return [(s, wav[s:e]) for s, e in self._spans(wav)]
 
     def _spans(self, wav: Any) -> list[tuple[int, int]]:
         """(start, end) samples of the chunks ``wav`` is cut into, at quiet points."""
