@@ -206,7 +206,7 @@ def export_lm(model: LanguageModel, tokenizer: Tokenizer, out_dir: str | Path, *
     """Write an LM folder (config.json, model.safetensors, tokenizer.model), each file atomically."""
     from safetensors.torch import save_file
 
-    from .transcribe import CONFIG_FILE, WEIGHTS_FILE
+    from .stored import CONFIG_FILE, WEIGHTS_FILE
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def export_lm(model: LanguageModel, tokenizer: Tokenizer, out_dir: str | Path, *
 
 def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LMBundle:
     """An LM folder written by :func:`export_lm`; whatever is wrong with it is one line naming the file."""
-    from .transcribe import CONFIG_FILE, WEIGHTS_FILE, _read_safetensors, _tokenizer, load_weights
+    from .stored import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_safetensors, read_tokenizer
 
     folder = Path(path)
     if not folder.is_dir():
@@ -234,10 +234,10 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LMBundle:
         model = LanguageModel(config)
     except ValueError as err:
         raise UserError(cfg_path, str(err), f"fix the setting or {RETRAIN}") from err
-    load_weights(model, _read_safetensors(folder / WEIGHTS_FILE), folder, RETRAIN, assign=True)
+    load_weights(model, read_safetensors(folder / WEIGHTS_FILE), folder, RETRAIN, assign=True)
     if not (folder / MODEL_FILE).is_file():
         raise UserError(folder / MODEL_FILE, "not found (an LM folder holds its tokenizer)", RETRAIN)
-    tokenizer = _tokenizer(folder / MODEL_FILE, RETRAIN, lambda: load_tokenizer(folder / MODEL_FILE))
+    tokenizer = read_tokenizer(folder / MODEL_FILE, RETRAIN, lambda: load_tokenizer(folder / MODEL_FILE))
     if tokenizer.vocab_size != config.vocab_size:
         raise UserError(folder, f"its tokenizer has {tokenizer.vocab_size} pieces, its model {config.vocab_size}",
                         RETRAIN)
@@ -246,13 +246,13 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LMBundle:
 
 def _lm_settings(cfg_path: Path, folder: Path) -> dict[str, Any]:
     """config.json with its "lm" object; an acoustic model's folder (a "model" object) is named as such."""
-    from .transcribe import _read_config_json
+    from .stored import read_config_json
 
     try:
-        return _read_config_json(cfg_path, section="lm", redo=RETRAIN)
+        return read_config_json(cfg_path, section="lm", redo=RETRAIN)
     except UserError as err:
         try:
-            _read_config_json(cfg_path, section="model")
+            read_config_json(cfg_path, section="model")
         except UserError:
             raise err from None
         raise UserError(f"--lm {folder}", "an acoustic model's folder, not a language model",

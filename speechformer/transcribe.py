@@ -28,11 +28,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .atomic import atomic_write, atomic_write_text
@@ -42,14 +41,15 @@ from .errors import UserError
 from .fastpath import tune_for_inference
 from .alignment import whisper_word_times
 from .model import ModelConfig, SpeechTransformer
+from .stored import (CONFIG_FILE, RECOPY, REEXPORT, WEIGHTS_FILE, load_weights,  # noqa: F401
+                     read_config_json as _read_config_json, read_safetensors as _read_safetensors,
+                     read_tokenizer as _tokenizer)
 from .options import Timing, TranscribeOptions, family_options, timing_source, tokenizer_for, window_seconds
 from .timestamps import FrameClock, word_timestamps
 from .tokenizer import MODEL_FILE, WHISPER_FILE, AnyTokenizer, load_tokenizer, tokenizer_from_payload
 from .windows import (SILENCE_PEAK, AudioItem, Hypothesis, TranscriptResult, WindowedTranscriber,  # noqa: F401
                       WindowResult, compression_ratio, trim_repetition)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 DEFAULT_MAX_SECONDS = 20.0
 
 
@@ -87,11 +87,6 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise ValueError(f"{path}: not a loadable speechformer checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); only tensors and plain types "
                          "are accepted") from err
-
-
-# what to do about a damaged model, a folder's and a checkpoint's
-REEXPORT = "export the model again with `speechformer export` (or copy the folder again)"
-RECOPY = "copy the checkpoint again, or give one written by `speechformer fit`"
 
 
 def bundle_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> ModelBundle:
@@ -134,20 +129,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBun
     return bundle
 
 
-def _read_config_json(cfg_path: Path, section: str = "model", redo: str = REEXPORT) -> dict[str, Any]:
-    """A model folder's config.json, which must hold a ``section`` object ("lm" for a language model)."""
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise UserError(cfg_path, f"not UTF-8 text ({err.reason} at byte {err.start})", redo) from err
-    except json.JSONDecodeError as err:
-        raise UserError(cfg_path, f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})",
-                        f"fix the file or {redo}") from err
-    if not isinstance(meta, dict) or not isinstance(meta.get(section), dict):
-        raise UserError(cfg_path, f'no "{section}" settings (a JSON object)', redo)
-    return meta
-
-
 def _model_config(data: Any, source: object, redo: str) -> ModelConfig:
     """The config from a file's dict; a wrong key, type or value names the file."""
     try:
@@ -162,54 +143,6 @@ def _max_input_seconds(meta: dict[str, Any], source: object, redo: str) -> float
         raise UserError(source, f"max_input_seconds must be a positive number of seconds, got {value!r}",
                         f"fix the setting or {redo}")
     return float(value)
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise UserError(path, "not found", REEXPORT)
-    try:
-        return load_file(str(path))
-    except SafetensorError as err:  # truncated, empty or not safetensors at all
-        raise UserError(path, f"not a readable safetensors file ({err}); it is damaged or incomplete",
-                        REEXPORT) from err
-
-
-def _tokenizer(source: object, redo: str, load: Callable[[], AnyTokenizer]) -> AnyTokenizer:
-    """``load()``, with a damaged tokenizer (sentencepiece raises RuntimeError) named."""
-    try:
-        return load()
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise UserError(source, f"not a readable tokenizer ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})", redo) from err
-
-
-def load_weights(model: torch.nn.Module, state: dict[str, Tensor], source: object, redo: str = REEXPORT,
-                 assign: bool = False) -> None:
-    """``model.load_state_dict(state)``, after checking the names and shapes: weights made for
-    another config are one line naming the first difference and the count (not the ~180 lines of
-    ``size mismatch`` torch prints). Weights saved before the attention projections were fused
-    are converted first."""
-    from .model.attention import fused_layout
-
-    state = fused_layout(model, state)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if wrong:
-        first = wrong[0]
-        problems.append(f"{len(wrong)} of {len(expected)} tensors have other shapes than the config gives (the "
-                        f"first, {first}: {list(state[first].shape)} in the weights, {list(expected[first].shape)} "
-                        "from the config)")
-    if missing:
-        problems.append(f"{len(missing)} tensors missing (the first: {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors the config has no place for (the first: {unexpected[0]})")
-    if problems:
-        raise UserError(source, "weights and config do not match: " + ", ".join(problems),
-                        "the config and the weights come from different models; " + redo)
-    model.load_state_dict(state, assign=assign)
 
 
 def check_device(device: str | torch.device, flag: str = "--device") -> torch.device:

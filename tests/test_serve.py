@@ -53,14 +53,14 @@ class Running:
     def post(self, path: Path | bytes, name: str = "a.wav", key: str = KEY, **fields: str) -> "httpx.Response":
         data = path.read_bytes() if isinstance(path, Path) else path
         return httpx.post(f"{self.url}/v1/audio/transcriptions", files={"file": (name, data)}, data=fields,
-                          headers={"Authorization": f"Bearer {key}"}, timeout=60)
+                          headers={"Authorization": f"Bearer {key}"}, timeout=600)
 
 
 @contextmanager
 def serving(transcriber: Transcriber, **worker_kwargs):
     """A real server for ``transcriber`` on 127.0.0.1 at a free port, in a thread."""
     worker = Worker(transcriber, **worker_kwargs)
-    config = ServerConfig("tiny", max_upload_mb=1.0, timeout_s=60.0, api_key=KEY)
+    config = ServerConfig("tiny", max_upload_mb=1.0, timeout_s=600.0, api_key=KEY)
     server = uvicorn.Server(uvicorn.Config(create_app(worker, config), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
