@@ -5,6 +5,8 @@ reference is missing is skipped with the reason."""
 
 from __future__ import annotations
 
+import functools
+
 import json
 import pickle
 import shutil
@@ -306,6 +308,20 @@ def test_guards_drop_unsure_text_on_silence_and_cut_loops(openai_pt):
 
 
 # ---------------------------------------------------------------------------- real weights
+@functools.lru_cache(maxsize=None)
+def tiny_en_greedy_texts(n: int) -> tuple[str, ...]:
+    """speechformer's PyTorch greedy transcripts of the first ``n`` kathleen utterances with tiny.en
+    (float32), made once per test process: the faster-whisper and the ONNX acceptance tests both
+    compare against them."""
+    import tempfile
+
+    paths = [KATHLEEN / u["audio"] for u in kathleen_utterances(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        import_whisper(tiny_en_dir(), Path(tmp) / "model")
+        transcriber = Transcriber.from_pretrained(Path(tmp) / "model", device="cpu")
+        return tuple(r.text for r in transcriber.transcribe(paths))
+
+
 def kathleen_utterances(n: int) -> list[dict]:
     if not (KATHLEEN / "manifest.jsonl").is_file():
         pytest.skip(f"real speech not present at {KATHLEEN} (../shared/data/kathleen_arctic_a)")
@@ -314,7 +330,7 @@ def kathleen_utterances(n: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_tiny_en_transcripts_equal_faster_whisper(tiny_en):
+def test_tiny_en_transcripts_equal_faster_whisper():
     """Acceptance: >= 48 of the first 50 utterances identical to faster-whisper float32 greedy."""
     faster_whisper = pytest.importorskip("faster_whisper", reason="faster-whisper (test extra) not installed")
     from speechformer.metrics import score
@@ -327,7 +343,7 @@ def test_tiny_en_transcripts_equal_faster_whisper(tiny_en):
         segments, _ = engine.transcribe(str(p), beam_size=1, temperature=0.0, without_timestamps=True,
                                         condition_on_previous_text=False, vad_filter=False)
         reference.append(" ".join(s.text.strip() for s in segments))
-    ours = [r.text for r in Transcriber.from_pretrained(tiny_en, device="cpu").transcribe(paths)]
+    ours = list(tiny_en_greedy_texts(50))
     same = sum(a == b for a, b in zip(ours, reference))
     ids, refs = [u["id"] for u in utts], [u["text"] for u in utts]
     wer_ours, wer_ref = score(ids, refs, ours).wer, score(ids, refs, reference).wer
