@@ -29,13 +29,28 @@ README = ROOT / "benchmarks" / "README.md"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def _parser(description: str | None, quick: str) -> argparse.ArgumentParser:
+    """``--quick`` (help text ``quick``), ``--rounds`` and ``--threads``: what every benchmark here takes."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"{quick}, 1 round (not recorded)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def _args(parser: argparse.ArgumentParser, size: str, quick_size: int) -> argparse.Namespace:
+    """The parsed flags; ``--quick`` sets ``size`` to ``quick_size`` and the rounds to 1."""
+    args = parser.parse_args()
+    if args.quick:
+        setattr(args, size, quick_size)
+        args.rounds = 1
+    return args
+
+
 def decoding_parser(description: str | None) -> argparse.ArgumentParser:
     """The flags the decoding benchmarks share (decoding.py, decoding_search.py): rounds, threads,
     tokens per utterance, batch sizes, and ``--quick``; read them back with :func:`decoding_args`."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="8 tokens, 1 round (not recorded)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p = _parser(description, "8 tokens")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     return p
@@ -43,29 +58,20 @@ def decoding_parser(description: str | None) -> argparse.ArgumentParser:
 
 def decoding_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The parsed flags of :func:`decoding_parser`, with ``--quick``'s 8 tokens and 1 round."""
-    args = parser.parse_args()
-    if args.quick:
-        args.tokens, args.rounds = 8, 1
-    return args
+    return _args(parser, "tokens", 8)
 
 
 def whisper_parser(description: str | None) -> argparse.ArgumentParser:
     """The flags the Whisper tiny.en benchmarks share (whisper_engines.py, onnx.py): files, rounds,
     threads and ``--quick``; read them back with :func:`whisper_args`."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="8 files, 1 round (not recorded)")
+    p = _parser(description, "8 files")
     p.add_argument("--files", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     return p
 
 
 def whisper_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The parsed flags of :func:`whisper_parser`, with ``--quick``'s 8 files and 1 round."""
-    args = parser.parse_args()
-    if args.quick:
-        args.files, args.rounds = 8, 1
-    return args
+    return _args(parser, "files", 8)
 
 
 @dataclass
