@@ -24,6 +24,19 @@ from common import (differing, faster_whisper_run, interleaved, markdown_table, 
                     record, transcriber_run, whisper_args, whisper_bench, whisper_parser)
 
 
+def separate_layout(state: dict) -> dict:
+    """``state`` with each fused ``qkv`` / ``kv`` projection also under its separate ``query`` /
+    ``key`` / ``value`` names (row blocks of the fused one), as openai-whisper's names map to them
+    (``speechformer.model.attention.fused_layout`` is the other direction)."""
+    out = dict(state)
+    for name, tensor in state.items():
+        for fused, parts in ((".qkv.", ("query", "key", "value")), (".kv.", ("key", "value"))):
+            if fused in name:
+                for part, block in zip(parts, tensor.chunk(len(parts))):
+                    out[name.replace(fused, f".{part}.")] = block
+    return out
+
+
 def main() -> int:
     args = whisper_args(whisper_parser(__doc__))
     bench = whisper_bench(args, needs=("whisper",), extras="bench", prefix="sf_bench_")
@@ -52,7 +65,7 @@ def main() -> int:
         n_audio_layer=c.n_encoder_layers, n_vocab=c.vocab_size, n_text_ctx=c.max_target_positions,
         n_text_state=c.d_model, n_text_head=c.n_heads, n_text_layer=c.n_decoder_layers)
     ow = whisper.model.Whisper(dims)
-    ours = bundle.model.state_dict()
+    ours = separate_layout(bundle.model.state_dict())
     ow.load_state_dict({src_name: ours[dst] for src_name, dst in openai_names(c.n_encoder_layers,
                                                                               c.n_decoder_layers).items()})
     ow.eval()
