@@ -376,8 +376,11 @@ class SpeechDataset(Dataset):
     durations, so a batch can be up to ``1 / min(factors)`` longer than ``max_batch_seconds``.
 
     The index may be ``(index, draw)`` (what :class:`DurationBatchSampler` yields with
-    ``draw_seeds``): the factor is then a function of ``draw`` alone, whichever process or loader
-    worker reads the item and whenever, so a resumed run perturbs as the uninterrupted one did.
+    ``draw_seeds``): the factor is then a function of ``draw`` alone (:meth:`draw_choice`), whichever
+    process or loader worker reads the item and whenever, so a resumed run perturbs as the
+    uninterrupted one did. The sampler gives every item of a batch the same draw, so a batch plays
+    at one speed: with a factor per utterance, most batches padded to the one utterance slowed to
+    0.9x (1.11x the audio of no perturbation on the recipe's corpus; one factor per batch, 1.005x).
     A plain index draws from torch's global generator.
     """
 
@@ -397,15 +400,18 @@ class SpeechDataset(Dataset):
     def durations(self) -> list[float]:
         return [u.duration for u in self.utts]
 
+    def draw_choice(self, draw: int | None) -> int:
+        """Which of ``speed_perturb``'s factors ``draw`` picks (``None``: torch's global generator)."""
+        n = len(self.speed_perturb)
+        return random.Random(draw).randrange(n) if draw is not None else int(torch.randint(n, ()))
+
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         index, draw = index if isinstance(index, tuple) else (index, None)
         u = self.utts[index]
         wav = load_audio(u.audio, self.sample_rate, offset=u.offset,
                          duration=u.duration if u.offset else None)
         if self.speed_perturb:
-            n = len(self.speed_perturb)
-            choice = random.Random(draw).randrange(n) if draw is not None else int(torch.randint(n, ()))
-            wav = change_speed(wav, self.sample_rate, self.speed_perturb[choice])
+            wav = change_speed(wav, self.sample_rate, self.speed_perturb[self.draw_choice(draw)])
         tokens = self.tokenizer.encode(u.text) if self.tokenizer is not None else []
         return {"id": u.id, "wav": wav, "tokens": torch.tensor(tokens, dtype=torch.long), "text": u.text}
 
@@ -457,8 +463,10 @@ class DurationBatchSampler(Sampler[list[int]]):
     every utterance is seen exactly once per epoch.
 
     With ``draw_seeds`` each item is ``(index, draw)``, ``draw`` a number unique to (seed, epoch,
-    index) from which :class:`SpeechDataset` draws its random augmentation: like the batches, it is
-    a function of the seed and the epoch only, so nothing about the data needs saving for an exact resume.
+    batch) and shared by the batch's items, from which :class:`SpeechDataset` draws its random
+    augmentation (one speed factor for the whole batch, so the batch's lengths stay alike and its
+    padding small): like the batches, it is a function of the seed and the epoch only, so nothing
+    about the data needs saving for an exact resume.
     """
 
     def __init__(self, durations: Sequence[float], max_seconds: float, shuffle: bool = True, seed: int = 0,
@@ -543,7 +551,8 @@ class DurationBatchSampler(Sampler[list[int]]):
         batches = self._all_batches()[self.rank::self.num_replicas][skip:]
         if self.draw_seeds:
             first = (self.seed * 1_000_003 + self.epoch) * len(self.durations)
-            batches = [[(i, first + i) for i in batch] for batch in batches]  # type: ignore[misc]
+            # a batch's draw is named by its first utterance, which is in no other batch
+            batches = [[(i, first + batch[0]) for i in batch] for batch in batches]  # type: ignore[misc]
         yield from batches
 
     def __len__(self) -> int:

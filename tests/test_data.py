@@ -259,3 +259,33 @@ def test_every_epoch_has_the_same_number_of_batches():
         assert len(batches) == len(s)
         orders.append(batches)
     assert len(counts) == 1 and orders[0] != orders[1]
+
+
+def test_speed_perturbation_plays_a_whole_batch_at_one_speed_so_padding_stays_small():
+    """With a factor drawn per utterance most batches padded to the one utterance slowed to 0.9x
+    (1.11x the audio of no perturbation on the recipe's corpus); one draw per batch keeps the
+    batch's lengths alike, and the factors still vary from batch to batch and epoch to epoch."""
+    from speechformer.data import SpeechDataset
+
+    durations = _durations(300, seed=5)
+    sampler = DurationBatchSampler(durations, max_seconds=40.0, seed=2, draw_seeds=True)
+    dataset = SpeechDataset([], None, speed_perturb=[0.9, 1.0, 1.1])
+    factors = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(i for b in batches for i, _ in b) == list(range(300))
+        draws = [{d for _, d in b} for b in batches]
+        assert all(len(d) == 1 for d in draws), "every item of a batch shares the batch's draw"
+        assert len({d.pop() for d in draws}) == len(batches), "each batch has a draw of its own"
+        factors.append([dataset.speed_perturb[dataset.draw_choice(b[0][1])] for b in batches])
+        padded = {f: 0.0 for f in dataset.speed_perturb}
+        for b, f in zip(batches, factors[-1]):
+            padded[f] += max(durations[i] for i, _ in b) * len(b) / f
+        plain = sum(max(durations[i] for i, _ in b) * len(b) for b in batches)
+        mean = sum(padded.values()) / plain  # the audio a perturbed epoch pads to, against no perturbation
+        assert 0.95 < mean < 1.05
+    assert set(factors[0]) == {0.9, 1.0, 1.1} and factors[0] != factors[1]
+    # the same seed and epoch draw the same factors (what an exact resume needs)
+    sampler.set_epoch(1)
+    assert [dataset.speed_perturb[dataset.draw_choice(b[0][1])] for b in sampler] == factors[1]
