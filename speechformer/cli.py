@@ -553,7 +553,8 @@ def add_serve_command(sub: argparse._SubParsersAction, decoding_flags) -> None: 
     sv.add_argument("--max-batch-seconds", type=float, default=240.0,
                     help="audio seconds the worker gathers from waiting requests into one batch")
     sv.add_argument("--max-wait-ms", type=float, default=50.0,
-                    help="how long the oldest waiting request may wait for others to join its batch")
+                    help="how long the oldest waiting request may wait for requests still arriving (being "
+                    "uploaded or decoded) to join its batch; with none arriving it does not wait")
     sv.add_argument("--batching", choices=("on", "off"), default="on",
                     help="off: one request at a time (no batching across requests), for comparison")
     sv.add_argument("--queue-size", type=int, default=256, help="requests waiting at most; more get 429")

@@ -292,6 +292,30 @@ def test_a_request_gets_the_same_text_alone_and_in_a_batch_of_16(served, wavs):
     assert sum(gate.batches) == 16 and max(gate.batches) >= 8
 
 
+def test_the_worker_waits_only_for_requests_still_arriving(served, wavs):
+    """A lone request is not held for --max-wait-ms; while another request is being received
+    (uploaded, decoded) the worker waits for it, so the two go in one batch."""
+    served.worker.max_wait = 30.0  # long enough that a wait could not go unseen
+    try:
+        with gated(served, closed=False) as gate:
+            start = time.monotonic()
+            assert served.post(wavs[11]).status_code == 200
+            assert time.monotonic() - start < 15.0 and gate.batches == [1]
+            with ThreadPoolExecutor(2) as pool:
+                with served.worker.arriving():  # another request is on its way
+                    first = pool.submit(served.post, wavs[12])
+                    wait_for(lambda: served.worker.queue_length == 1)
+                    time.sleep(0.3)
+                    assert gate.batches == [1], "the worker waited for the arriving request"
+                    second = pool.submit(served.post, wavs[13])
+                    wait_for(lambda: served.worker.queue_length == 2)
+                # no request arriving any more: the two queued ones go at once, together
+                assert first.result().status_code == second.result().status_code == 200
+            assert gate.batches == [1, 2]
+    finally:
+        served.worker.max_wait = 0.02
+
+
 def test_a_fault_in_one_requests_audio_leaves_its_batch_mates_their_transcripts(served, wavs):
     """One request's audio makes the batch raise: that request gets a 500, the three others in the
     batch get their transcripts, and the next request is served."""
@@ -393,14 +417,21 @@ def free_port() -> int:
 
 
 def test_sigterm_finishes_the_queued_requests_then_exits(talkative_model, wavs):
-    """`speechformer serve` in its own process: three requests wait in the queue (--max-wait-ms
-    1500), SIGTERM, and all three get their transcripts before the process exits with 0."""
+    """`speechformer serve` in its own process: one request is still uploading (so the worker
+    waits for it, --max-wait-ms 20000) while three wait in the queue; SIGTERM, then the upload
+    ends: all four get their transcripts before the process exits."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), SPEECHFORMER_API_KEY=KEY)
     proc = subprocess.Popen([sys.executable, "-m", "speechformer.cli", "serve", "--model", str(talkative_model),
-                             "--port", str(port), "--max-wait-ms", "1500", "--log-level", "warning"], env=env,
+                             "--port", str(port), "--max-wait-ms", "20000", "--log-level", "warning"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    boundary = "sfboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.wav\"\r\n"
+            "Content-Type: audio/wav\r\n\r\n").encode() + wavs[3].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
     try:
         for _ in range(600):
             try:
@@ -409,12 +440,21 @@ def test_sigterm_finishes_the_queued_requests_then_exits(talkative_model, wavs):
             except httpx.TransportError:
                 time.sleep(0.1)
         running = Running(url, None, None, None)  # type: ignore[arg-type]
-        with ThreadPoolExecutor(3) as pool:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as slow, ThreadPoolExecutor(3) as pool:
+            slow.sendall(head + body[:100])  # the upload has begun: the worker waits for it
+            time.sleep(0.3)
             futures = [pool.submit(running.post, w) for w in wavs[:3]]
-            wait_for(lambda: httpx.get(f"{url}/health").json()["queue_length"] == 3)
+            wait_for(lambda: httpx.get(f"{url}/health").json()["queue_length"] == 3, seconds=15)
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            slow.sendall(body[100:])  # the upload ends: the four go
             answers = [f.result() for f in futures]
+            reply = b""
+            while chunk := slow.recv(65536):
+                reply += chunk
         assert [a.status_code for a in answers] == [200] * 3 and all(a.json()["text"] for a in answers)
+        status, _, content = reply.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 200") and json.loads(content)["text"], reply[:300]
         assert proc.wait(30) == -signal.SIGTERM  # uvicorn ends as SIGTERM asked, once it has finished
     finally:
         if proc.poll() is None:

@@ -154,15 +154,16 @@ def _model_card(server: Server) -> dict[str, Any]:
 @router.post("/v1/audio/transcriptions", dependencies=[Depends(require_key)])
 async def transcriptions(request: Request) -> Response:
     server = server_of(request)
-    form = await read_form(request, server.config.max_upload_bytes)
-    asked = parse_request(form, server)
-    wav = await run_in_threadpool(_decode, form, server)
-    chunks = await run_in_threadpool(server.transcriber.chunks, wav)
-    rate = server.worker.sample_rate
-    events: asyncio.Queue = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    job = Job(chunks, asked.options, rate, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-    _submit(server.worker, job)
+    with server.worker.arriving():  # a batch about to start waits for this request (max_wait_ms)
+        form = await read_form(request, server.config.max_upload_bytes)
+        asked = parse_request(form, server)
+        wav = await run_in_threadpool(_decode, form, server)
+        chunks = await run_in_threadpool(server.transcriber.chunks, wav)
+        rate = server.worker.sample_rate
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = Job(chunks, asked.options, rate, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        _submit(server.worker, job)
     windows = _windows(server.worker, job, events, server.config.timeout_s)
     if asked.stream:
         first = await anext(windows)  # a 504 or a failure before the first chunk is still a status

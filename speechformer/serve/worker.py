@@ -4,7 +4,9 @@ A request's audio arrives decoded and cut into the chunks ``speechformer transcr
 decode (:meth:`Transcriber.chunks <speechformer.transcribe.Transcriber.chunks>`), as a
 :class:`Job`, and waits in a bounded queue. The worker takes what has arrived: the chunks of
 the waiting jobs that share the first one's options, oldest first, up to ``max_batch_seconds``
-of audio, waiting at most ``max_wait_ms`` after the oldest arrived for more to come. It runs
+of audio, waiting at most ``max_wait_ms`` after the oldest arrived for the requests still arriving
+(being uploaded, decoded or cut: :meth:`Worker.arriving`); with none arriving it does not wait, so a
+lone request pays no batching delay. It runs
 them as one :meth:`Transcriber.transcribe_segments
 <speechformer.transcribe.Transcriber.transcribe_segments>` call (which batches them by length)
 and hands each chunk's result back to its job as it is done. A long file's chunks may span
@@ -24,7 +26,8 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 from torch import Tensor
 
@@ -90,6 +93,7 @@ class Worker:
         self._transcribers: OrderedDict[TranscribeOptions, Transcriber] = OrderedDict(
             [(transcriber.options, transcriber)])
         self._pending: deque[Job] = deque()
+        self._arriving = 0  # requests being received, not yet submitted (see ``arriving``)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="speechformer-model", daemon=True)
@@ -116,6 +120,20 @@ class Worker:
                 raise QueueFull(self._retry_after())
             self._pending.append(job)
             self._cond.notify_all()
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around the receiving of one request (its upload read, decoded and cut into chunks, up to
+        :meth:`submit`): while any request is arriving, the worker waits for it (at most
+        ``max_wait_ms``) before it runs a batch; with none arriving, it runs what is queued at once."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
         """Its caller stopped waiting: drop what is left of it."""
@@ -151,8 +169,9 @@ class Worker:
                 self._run(batch)
 
     def _take(self) -> list[tuple[Job, list[int]]] | None:
-        """The next batch (None: stopping and nothing left). Waits for a first job, then (batching)
-        for more audio until ``max_batch_seconds`` or ``max_wait_ms`` after the oldest arrived."""
+        """The next batch (None: stopping and nothing left). Waits for a first job, then (batching),
+        while requests are arriving, for more audio until ``max_batch_seconds`` or ``max_wait_ms``
+        after the oldest arrived."""
         with self._cond:
             while not self._pending:
                 if self._stopping:
@@ -160,7 +179,8 @@ class Worker:
                 self._cond.wait()
             if self.batching:
                 deadline = self._pending[0].arrived + self.max_wait
-                while self._pending and not self._stopping and self._ready_seconds() < self.max_batch_seconds:
+                while (self._pending and self._arriving and not self._stopping
+                       and self._ready_seconds() < self.max_batch_seconds):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
