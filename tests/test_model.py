@@ -147,6 +147,28 @@ def test_embedding_is_a_one_hot_lookup_and_de_embedding_is_tied():
     torch.testing.assert_close(probs.sum(-1), torch.ones(2))
 
 
+def test_bf16_de_embedding_casts_the_table_once_and_follows_its_changes():
+    """Under bf16 autocast the logits equal the plain formula (x @ W.t() in bf16); without
+    gradients the bf16 table is cast once and kept, and made again when the table changes."""
+    torch.manual_seed(0)
+    emb = TokenEmbedding(50, 16, scale=False)
+    x = torch.randn(3, 1, 16)
+    plain = lambda: x.bfloat16() @ emb.weight.detach().bfloat16().t()  # noqa: E731
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = emb.logits(x)
+        kept = emb._cast[1]
+        assert first.dtype == torch.bfloat16 and torch.equal(first, plain())
+        assert torch.equal(emb.logits(x), first) and emb._cast[1] is kept  # not cast again
+    with torch.no_grad():
+        emb.weight.mul_(2.0)  # an optimiser step, a state-dict load: the version counter moves
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert emb._cast[1] is kept and torch.equal(emb.logits(x), plain()) and emb._cast[1] is not kept
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: the gradient reaches the table
+        emb.logits(x).float().sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(emb.logits(x), x @ emb.weight.t())  # fp32: unchanged
+
+
 def test_kv_cache_decoding_equals_full_sequence(model):
     memory, lengths = model.encode(torch.randn(2, 8000), torch.tensor([8000, 6000]))
     mask = model.memory_mask(lengths, memory.shape[1])

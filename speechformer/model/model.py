@@ -35,13 +35,30 @@ class TokenEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model).normal_(std=d_model ** -0.5))
         self.scale = math.sqrt(d_model) if scale else 1.0
+        self._cast: tuple[tuple, Tensor] | None = None  # the table in another dtype, for inference
 
     def forward(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self.weight) * self.scale
 
     def logits(self, x: Tensor) -> Tensor:
         """De-embedding: [..., D] -> [..., vocab]."""
-        return x @ self.weight.to(x.dtype).t()
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # the table cast once, not by autocast at every call (F.linear: x @ W.t() copied W.t() in bf16)
+        return F.linear(x, self.weight_as(dtype))
+
+    def weight_as(self, dtype: torch.dtype) -> Tensor:
+        """The table in ``dtype`` (bf16 decoding). Without gradients the cast is kept until the
+        table changes (its version counter: an optimiser step, a state-dict load), so decoding
+        casts the vocabulary-sized table once, not at every token (Whisper's: 20M values)."""
+        if dtype == self.weight.dtype:
+            return self.weight
+        if torch.is_grad_enabled():
+            return self.weight.to(dtype)  # training: the gradient flows through the cast
+        key = (dtype, self.weight.device, self.weight.data_ptr(), self.weight._version)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, self.weight.detach().to(dtype))
+        return self._cast[1]
 
 
 class DecoderState:
