@@ -44,7 +44,8 @@ from .model import ModelConfig, SpeechTransformer
 from .stored import (CONFIG_FILE, RECOPY, REEXPORT, WEIGHTS_FILE, load_weights,  # noqa: F401
                      read_config_json as _read_config_json, read_safetensors as _read_safetensors,
                      read_tokenizer as _tokenizer)
-from .options import Timing, TranscribeOptions, decode_rules, family_options, timing_source, tokenizer_for, window_seconds
+from .options import (Timing, TranscribeOptions, decode_rules, family_options, timing_source, tokenizer_for,
+                      window_seconds)
 from .timestamps import FrameClock, word_timestamps
 from .tokenizer import MODEL_FILE, WHISPER_FILE, AnyTokenizer, load_tokenizer, tokenizer_from_payload
 from .windows import (SILENCE_PEAK, AudioItem, Hypothesis, TranscriptResult, WindowedTranscriber,  # noqa: F401
