@@ -483,11 +483,12 @@ def test_whisper_tiny_en_served_transcripts_equal_transcribe(tmp_path_factory):
     # (tokens + 1); P(<|nospeech|>) at the first step)
     prompted = Transcriber(bundle, bundle.default_options(prompt="ahem so um i mean like", timestamps=True), "cpu")
     windows = prompted.transcribe_segments([load_audio(p, 16000) for p in paths[:3]])
-    with serving(transcriber) as running:
-        bodies = [running.post(p, p.name, response_format="verbose_json", prompt="ahem so um i mean like").json()
-                  for p in paths[:3]]
-        plain = running.post(paths[0], paths[0].name).json()["text"]
-    assert plain == expected[0]  # the prompted requests left the plain ones as they were
+    with serving(transcriber, max_batch_seconds=600.0, max_wait_ms=500.0) as running, ThreadPoolExecutor(6) as pool:
+        # sent at once, with and without the prompt: a batch holds one prompt (the worker groups by options)
+        asked = [pool.submit(running.post, p, p.name, response_format="verbose_json", prompt="ahem so um i mean like")
+                 for p in paths[:3]] + [pool.submit(running.post, p, p.name) for p in paths[:3]]
+        bodies, plain = [f.result().json() for f in asked[:3]], [f.result().json()["text"] for f in asked[3:]]
+    assert plain == expected[:3]  # the prompted requests left the plain ones as they were
     assert [b["text"] for b in bodies] == [w.text for w in windows] != expected[:3]
     for body, window in zip(bodies, windows):
         assert body["segments"] and max(window.tokens) > prompted.tokenizer.eot  # time tokens
