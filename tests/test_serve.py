@@ -496,3 +496,18 @@ def test_whisper_tiny_en_served_transcripts_equal_transcribe(tmp_path_factory):
             assert segment["tokens"] == window.tokens and segment["avg_logprob"] == pytest.approx(window.avg_logprob)
             assert segment["no_speech_prob"] == pytest.approx(window.no_speech_prob)
             assert segment["avg_logprob"] < 0 and 0 < segment["no_speech_prob"] < 1 and segment["temperature"] == 0.0
+
+
+def test_verbose_segments_take_the_numbers_of_the_window_they_were_decoded_in():
+    """A long file's segments: each gets its own window's tokens and scores, and its seek (the
+    window's start in openai-whisper's 10 ms frames)."""
+    from speechformer.serve.formats import segment_bodies
+    from speechformer.timestamps import Segment
+    from speechformer.transcribe import WindowResult
+
+    windows = [WindowResult("one two", tokens=[1, 2], avg_logprob=-0.1, no_speech_prob=0.01),
+               WindowResult("three", tokens=[3], avg_logprob=-0.5, no_speech_prob=0.2)]
+    segments = [Segment(0.5, 2.0, "one"), Segment(2.0, 4.0, "two"), Segment(31.0, 33.0, "three")]
+    bodies = segment_bodies(segments, [0.0, 29.5], windows)
+    assert [(b["id"], b["seek"], b["tokens"], b["avg_logprob"], b["no_speech_prob"]) for b in bodies] == \
+        [(0, 0, [1, 2], -0.1, 0.01), (1, 0, [1, 2], -0.1, 0.01), (2, 2950, [3], -0.5, 0.2)]
