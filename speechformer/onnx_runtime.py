@@ -37,7 +37,8 @@ import numpy as np
 from .audio import AudioError, read_audio
 from .errors import UserError
 from .onnx_search import ctc_greedy, search
-from .options import TranscribeOptions, family_options, flag_name, timing_source, tokenizer_for, window_seconds
+from .options import (TranscribeOptions, decode_rules, family_options, flag_name, timing_source, tokenizer_for,
+                      window_seconds)
 from .tokenizer import MODEL_FILE, WHISPER_FILE, load_tokenizer
 from .windows import SILENCE_PEAK, Hypothesis, WindowedTranscriber, WindowResult
 
@@ -153,7 +154,7 @@ class OnnxTranscriber(WindowedTranscriber):
         self.options = options
         self.tokenizer = tokenizer_for(options, self.bundle.tokenizer)
         self.timing = timing_source(self.bundle) if options.timestamps else None  # type: ignore[arg-type]
-        self.rules = self.tokenizer.rules(timestamps=True) if self.timing == "whisper" else self.tokenizer.rules()
+        self.rules = decode_rules(options, self.tokenizer, self.timing, self.bundle.positions)
         self.sample_rate = self.bundle.sample_rate
         self.chunk_seconds = options.chunk_length(self.bundle)  # type: ignore[arg-type]
         self.stream_seconds = max(options.stream_seconds, 4 * self.chunk_seconds)
@@ -174,7 +175,7 @@ class OnnxTranscriber(WindowedTranscriber):
         live = [i for i, w in enumerate(wavs) if len(w) and float(np.abs(w).max()) > SILENCE_PEAK]
         if live:
             for i, hyp in zip(live, self.decode(self.bundle.encode([wavs[i] for i in live]))):
-                out[i] = self._window(self._kept(hyp), len(wavs[i]))
+                out[i] = self._window(self._kept(hyp), len(wavs[i]), hyp=hyp)
         return out
 
     def decode(self, enc: dict[str, np.ndarray]) -> list[Hypothesis]:

@@ -93,6 +93,7 @@ class TranscribeOptions:
     compression_ratio_threshold: float | None = None
     language: str | None = None
     task: Literal["transcribe", "translate"] | None = None
+    prompt: str | None = None  # Whisper: previous text (initial_prompt), its last n_text_ctx // 2 - 1 tokens
     # shallow fusion: a language model folder (``speechformer lm train``) as one more full scorer
     lm: str | None = None
     lm_weight: float = 0.0
@@ -179,6 +180,9 @@ def _check_model(options: TranscribeOptions, bundle: "ModelBundle", name: Callab
     if options.timestamps:
         timing_source(bundle, name("timestamps"))
     _check_language(options, bundle.tokenizer, name)
+    if options.prompt is not None and not isinstance(bundle.tokenizer, WhisperTokenizer):
+        raise UserError(name("prompt"), "applies to Whisper models only (this model reads no previous text)",
+                        "drop the flag")
 
 
 def _check_language(options: TranscribeOptions, tokenizer: Any, name: Callable[[str], str]) -> None:
@@ -229,6 +233,18 @@ def tokenizer_for(options: TranscribeOptions, tokenizer: Any) -> Any:
         return tokenizer
     data = tokenizer.payload() | {k: v for k, v in (("language", options.language), ("task", options.task)) if v}
     return WhisperTokenizer.from_payload(data)
+
+
+def decode_rules(options: TranscribeOptions, tokenizer: Any, timing: Timing | None, positions: int) -> Any:
+    """The decoding rules of ``tokenizer`` (:func:`tokenizer_for`'s) under ``options``, shared by the
+    PyTorch and onnxruntime paths: Whisper timing from its time tokens drops ``<|notimestamps|>`` and
+    turns the timestamp rules on; ``options.prompt`` (Whisper) goes first as previous text, its last
+    ``positions // 2 - 1`` tokens (openai-whisper's ``n_text_ctx // 2 - 1``; ``positions``: the
+    decoder's)."""
+    if not isinstance(tokenizer, WhisperTokenizer):
+        return tokenizer.rules()
+    previous = tokenizer.previous_text(options.prompt, positions // 2 - 1) if options.prompt is not None else []
+    return tokenizer.rules(timestamps=timing == "whisper", previous=previous)
 
 
 # ---------------------------------------------------------------------------- the rules, once
@@ -312,6 +328,8 @@ HELP: dict[str, str] = {
                                    "back (default: 2.4 for Whisper, off for other models)",
     "language": "Whisper multilingual models: language code (default: the one given at import)",
     "task": "Whisper multilingual models: transcribe, or translate into English (default: the one given at import)",
+    "prompt": "Whisper: previous text the decoder reads before each window (openai-whisper's initial_prompt: "
+              "spellings, names, style); its last n_text_ctx/2-1 tokens (223) are kept, none is output",
     "lm": "a language model folder (`speechformer lm train`, on this model's tokenizer) joining the search as a "
           "full scorer (shallow fusion; --decoder attention or joint)",
     "lm_weight": "--lm: weight of the LM's log-probability in each hypothesis's score",

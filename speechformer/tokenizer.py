@@ -28,7 +28,7 @@ import io
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Sequence, Union
 
 import sentencepiece as spm
 
@@ -225,14 +225,25 @@ class WhisperTokenizer:
             seq.append(self.transcribe_id if self.task == "transcribe" else self.translate_id)
         return seq
 
-    def rules(self, timestamps: bool = False) -> DecodeRules:
+    def previous_text(self, text: str, max_tokens: int) -> list[int]:
+        """A previous-text prompt (openai-whisper's and faster-whisper's ``initial_prompt``):
+        ``<|startofprev|>`` then the last ``max_tokens`` tokens of ``" " + text.strip()``
+        (the leading space as those libraries add it; the text is otherwise not normalised)."""
+        ids = self.hf.encode(" " + text.strip(), add_special_tokens=False).ids
+        return [self.sot_prev] + ids[max(0, len(ids) - max_tokens):]
+
+    def rules(self, timestamps: bool = False, previous: Sequence[int] = ()) -> DecodeRules:
         """Whisper's decoding constraints; ``timestamps``: the prompt without ``<|notimestamps|>``
-        and the timestamp rules on (openai-whisper's ``without_timestamps=False``)."""
-        rules = DecodeRules(prompt=self.prompt, eos_id=self.eot, suppress=self.suppress,
-                            suppress_at_start=self.suppress_at_start, no_speech_id=self.no_speech, sot_index=0)
+        and the timestamp rules on (openai-whisper's ``without_timestamps=False``); ``previous``
+        (:meth:`previous_text`) goes before ``<|startoftranscript|>``, which still carries the
+        no-speech probability (``sot_index``). The prompt is never part of the output."""
+        previous = list(previous)
+        rules = DecodeRules(prompt=previous + self.prompt, eos_id=self.eot, suppress=self.suppress,
+                            suppress_at_start=self.suppress_at_start, no_speech_id=self.no_speech,
+                            sot_index=len(previous))
         if not timestamps:
             return rules
-        return replace(rules, prompt=self._start(), timestamp_begin=self.timestamp_begin,
+        return replace(rules, prompt=previous + self._start(), timestamp_begin=self.timestamp_begin,
                        max_initial_timestamp=round(1.0 / WHISPER_TIME_PRECISION), no_timestamps_id=self.no_timestamps)
 
     def encode(self, text: str) -> list[int]:

@@ -44,7 +44,8 @@ from .model import ModelConfig, SpeechTransformer
 from .stored import (CONFIG_FILE, RECOPY, REEXPORT, WEIGHTS_FILE, load_weights,  # noqa: F401
                      read_config_json as _read_config_json, read_safetensors as _read_safetensors,
                      read_tokenizer as _tokenizer)
-from .options import Timing, TranscribeOptions, family_options, timing_source, tokenizer_for, window_seconds
+from .options import (Timing, TranscribeOptions, decode_rules, family_options, timing_source, tokenizer_for,
+                      window_seconds)
 from .timestamps import FrameClock, word_timestamps
 from .tokenizer import MODEL_FILE, WHISPER_FILE, AnyTokenizer, load_tokenizer, tokenizer_from_payload
 from .windows import (SILENCE_PEAK, AudioItem, Hypothesis, TranscriptResult, WindowedTranscriber,  # noqa: F401
@@ -203,8 +204,8 @@ class Transcriber(WindowedTranscriber):
             tune_for_inference(self.model, self.device, options.precision)
         self.tokenizer = tokenizer_for(options, bundle.tokenizer)
         self.timing: Timing | None = timing_source(bundle) if options.timestamps else None
-        # Whisper with timestamps: no <|notimestamps|> in the prompt, the timestamp rules on
-        self.rules = self.tokenizer.rules(timestamps=True) if self.timing == "whisper" else self.tokenizer.rules()
+        # Whisper: timestamps drop <|notimestamps|> and turn the timestamp rules on; --prompt goes first
+        self.rules = decode_rules(options, self.tokenizer, self.timing, self.model.config.max_target_positions)
         self.clock = FrameClock.for_model(self.model)
         self.sample_rate = self.model.config.sample_rate
         self.chunk_seconds = options.chunk_length(bundle)
@@ -279,5 +280,5 @@ class Transcriber(WindowedTranscriber):
             if log_probs is not None:
                 words = word_timestamps(log_probs[row, :int(mem_lengths[row])], tokens, self.tokenizer.pieces(tokens),
                                         self.model.config.blank_id, self.clock, len(wavs[i]) / self.sample_rate)
-            out[i] = self._window(tokens, len(wavs[i]), words)
+            out[i] = self._window(tokens, len(wavs[i]), words, hyps[row])
         return out

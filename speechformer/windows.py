@@ -83,11 +83,17 @@ class TranscriptResult:
 
 class WindowResult(NamedTuple):
     """One decoded window: its text and, with timestamps, its words (and, Whisper, its segments),
-    in seconds from the window's start."""
+    in seconds from the window's start; and how it was decoded, as openai-whisper reports a window
+    (the server's ``verbose_json``): the token ids kept (time tokens included; None: not decoded
+    through ``_window``), and, Whisper only (None otherwise), the decoding's average
+    log-probability (:attr:`Hypothesis.avg_logprob`) and its no-speech probability."""
 
     text: str
     words: list[Word] | None = None
     segments: list[Segment] | None = None
+    tokens: list[int] | None = None
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -304,14 +310,18 @@ class WindowedTranscriber:
             tokens = trim_repetition(tokens)
         return tokens
 
-    def _window(self, tokens: list[int], samples: int, words: "list[Word] | None" = None) -> WindowResult:
-        """A decoded window of ``samples``: its text, and Whisper's segments when timing from time tokens."""
+    def _window(self, tokens: list[int], samples: int, words: "list[Word] | None" = None,
+                hyp: Hypothesis | None = None) -> WindowResult:
+        """A decoded window of ``samples``: its text, and Whisper's segments when timing from time
+        tokens; ``hyp``, the decoding it kept ``tokens`` of, gives Whisper's scores."""
         segments = None
         if self.timing == "whisper":
             assert self.rules.timestamp_begin is not None
             segments = whisper_segments(tokens, self.rules.timestamp_begin, self.tokenizer.decode,
                                         samples / self.sample_rate, WHISPER_TIME_PRECISION)
-        return WindowResult(self.tokenizer.decode(tokens), words, segments)
+        whisper = hyp is not None and hyp.no_speech_prob is not None  # only Whisper has a no-speech token
+        return WindowResult(self.tokenizer.decode(tokens), words, segments, list(tokens),
+                            hyp.avg_logprob if whisper else None, hyp.no_speech_prob if whisper else None)
 
     def _text(self, hyp: Hypothesis) -> str:
         """The transcript of one window, after Whisper's guards."""

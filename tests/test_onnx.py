@@ -346,3 +346,19 @@ def test_tiny_en_onnx_timestamps_and_beam_equal_pytorch(tiny_en_onnx, tmp_path, 
     for r in outputs[0]:
         del r["words"]
     assert outputs[0] == outputs[1] and all(r["segments"] for r in outputs[1])
+
+
+@pytest.mark.slow
+def test_tiny_en_onnx_prompt_equals_pytorch(tiny_en_onnx, capsys):
+    """--prompt (Whisper's previous text) through the CLI: onnxruntime float32 writes PyTorch's
+    transcripts, and the prompt changed them."""
+    from test_whisper import KATHLEEN, STYLE_PROMPT, kathleen_utterances
+
+    paths = [str(KATHLEEN / u["audio"]) for u in kathleen_utterances(3)]
+    outputs = []
+    for model, prompt in ((tiny_en_onnx.model, []), (tiny_en_onnx.model, ["--prompt", STYLE_PROMPT]),
+                          (tiny_en_onnx.fp32, ["--prompt", STYLE_PROMPT])):
+        assert main(["transcribe", "--model", str(model), *paths, "--format", "json", *prompt, "--quiet"]) == 0
+        outputs.append([r["text"] for r in json.loads(capsys.readouterr().out)])
+    plain, pytorch, onnx = outputs
+    assert onnx == pytorch != plain

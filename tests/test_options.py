@@ -33,8 +33,8 @@ def _other_value(name: str, hint, default):  # type: ignore[no-untyped-def]
         return value, [flag_name(name), str(value)]
     if hint is bool:
         return (not default), [flag_name(name) if not default else "--no-" + name.replace("_", "-")]
-    if name in ("language", "lm"):  # the strings: a language code, an LM folder
-        value = {"language": "de", "lm": "exp/lm"}[name]
+    if name in ("language", "lm", "prompt"):  # the strings: a language code, an LM folder, previous text
+        value = {"language": "de", "lm": "exp/lm", "prompt": "Kathleen's notes"}[name]
         return value, [flag_name(name), value]
     kind = next(a for a in typing.get_args(hint) if a is not type(None)) if typing.get_args(hint) else hint
     value = kind(3) + (default or 0) if kind is int else round((default or 0.25) + 0.25, 2)

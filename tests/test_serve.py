@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -191,6 +192,15 @@ def test_every_response_format_through_the_openai_client(served, wavs):
         [(w.word, round(w.start, 3), round(w.end, 3)) for w in expected_timed.words]
     assert verbose.words and all(0 <= w.start <= w.end <= verbose.duration for w in verbose.words)
     assert " ".join(s.text for s in verbose.segments) == verbose.text
+    # each segment in OpenAI's shape: its window's tokens and compression ratio (zlib, as openai-whisper),
+    # temperature 0.0; avg_logprob and no_speech_prob null, as this model is not Whisper
+    window = timed.transcribe_segments([load_audio(path, 16000)])[0]
+    raw = window.text.encode("utf-8")
+    assert window.tokens and timed.tokenizer.decode(window.tokens) == verbose.text
+    for i, s in enumerate(verbose.segments):
+        assert (s.id, s.seek, s.temperature, s.tokens) == (i, 0, 0.0, window.tokens)
+        assert s.compression_ratio == pytest.approx(len(raw) / len(zlib.compress(raw)))
+        assert s.avg_logprob is None and s.no_speech_prob is None
 
 
 def test_stream_gives_openai_delta_and_done_events(served, wavs):
@@ -508,3 +518,36 @@ def test_whisper_tiny_en_served_transcripts_equal_transcribe(tmp_path_factory):
         batches = running.worker.metrics.batch_requests.count
     assert [r.json()["text"] for r in served] == expected
     assert batches < 20  # requests shared batches
+    # a prompt (Whisper's previous text) and verbose_json (timed: Whisper's time tokens): what Transcriber
+    # gives with that prompt, and each segment has its window's numbers (avg_logprob: sum log p /
+    # (tokens + 1); P(<|nospeech|>) at the first step)
+    prompted = Transcriber(bundle, bundle.default_options(prompt="ahem so um i mean like", timestamps=True), "cpu")
+    windows = prompted.transcribe_segments([load_audio(p, 16000) for p in paths[:3]])
+    with serving(transcriber, max_batch_seconds=600.0, max_wait_ms=500.0) as running, ThreadPoolExecutor(6) as pool:
+        # sent at once, with and without the prompt: a batch holds one prompt (the worker groups by options)
+        asked = [pool.submit(running.post, p, p.name, response_format="verbose_json", prompt="ahem so um i mean like")
+                 for p in paths[:3]] + [pool.submit(running.post, p, p.name) for p in paths[:3]]
+        bodies, plain = [f.result().json() for f in asked[:3]], [f.result().json()["text"] for f in asked[3:]]
+    assert plain == expected[:3]  # the prompted requests left the plain ones as they were
+    assert [b["text"] for b in bodies] == [w.text for w in windows] != expected[:3]
+    for body, window in zip(bodies, windows):
+        assert body["segments"] and max(window.tokens) > prompted.tokenizer.eot  # time tokens
+        for segment in body["segments"]:
+            assert segment["tokens"] == window.tokens and segment["avg_logprob"] == pytest.approx(window.avg_logprob)
+            assert segment["no_speech_prob"] == pytest.approx(window.no_speech_prob)
+            assert segment["avg_logprob"] < 0 and 0 < segment["no_speech_prob"] < 1 and segment["temperature"] == 0.0
+
+
+def test_verbose_segments_take_the_numbers_of_the_window_they_were_decoded_in():
+    """A long file's segments: each gets its own window's tokens and scores, and its seek (the
+    window's start in openai-whisper's 10 ms frames)."""
+    from speechformer.serve.formats import segment_bodies
+    from speechformer.timestamps import Segment
+    from speechformer.transcribe import WindowResult
+
+    windows = [WindowResult("one two", tokens=[1, 2], avg_logprob=-0.1, no_speech_prob=0.01),
+               WindowResult("three", tokens=[3], avg_logprob=-0.5, no_speech_prob=0.2)]
+    segments = [Segment(0.5, 2.0, "one"), Segment(2.0, 4.0, "two"), Segment(31.0, 33.0, "three")]
+    bodies = segment_bodies(segments, [0.0, 29.5], windows)
+    assert [(b["id"], b["seek"], b["tokens"], b["avg_logprob"], b["no_speech_prob"]) for b in bodies] == \
+        [(0, 0, [1, 2], -0.1, 0.01), (1, 0, [1, 2], -0.1, 0.01), (2, 2950, [3], -0.5, 0.2)]

@@ -21,6 +21,7 @@ from speechformer.cli import main
 from speechformer.decoding import DecodeOptions, Hypothesis, greedy_decode
 from speechformer.frontend import WhisperFrontend
 from speechformer.model import ModelConfig, SpeechTransformer
+from speechformer.options import TranscribeOptions, decode_rules
 from speechformer.tokenizer import DecodeRules, WhisperTokenizer, load_tokenizer
 from speechformer.transcribe import ModelBundle, Transcriber, load_model, trim_repetition
 from speechformer.whisper import (WhisperImportError, import_whisper, load_whisper, openai_names,
@@ -307,6 +308,37 @@ def test_guards_drop_unsure_text_on_silence_and_cut_loops(openai_pt):
     assert t.transcribe_waveforms([torch.zeros(16000)]) == [""]
 
 
+def test_prompt_is_startofprev_then_the_last_tokens_of_the_text_before_the_start_sequence():
+    """--prompt: <|startofprev|>, then " " + the text (stripped, as openai-whisper and faster-whisper
+    encode initial_prompt) cut to its last n_text_ctx // 2 - 1 tokens, then the usual start; the
+    no-speech probability is still read at <|startoftranscript|>."""
+    tok = WhisperTokenizer((tiny_en_dir() / "tokenizer.json").read_text(encoding="utf-8"), multilingual=False)
+    ids = tok.hf.encode(" Kathleen's  notes", add_special_tokens=False).ids
+    assert tok.previous_text("\n Kathleen's  notes ", 100) == [tok.sot_prev] + ids  # inner spaces kept
+    assert tok.previous_text("Kathleen's  notes", 2) == [tok.sot_prev] + ids[-2:]
+    long = " ".join(f"word{i}" for i in range(300))
+    plain = decode_rules(TranscribeOptions(), tok, None, 448)
+    timed = decode_rules(TranscribeOptions(), tok, "whisper", 448)
+    assert plain == tok.rules() and timed == tok.rules(timestamps=True)
+    for rules, start in ((decode_rules(TranscribeOptions(prompt=long), tok, None, 448), tok.prompt),
+                         (decode_rules(TranscribeOptions(prompt=long), tok, "whisper", 448), tok._start())):
+        assert rules.prompt[0] == tok.sot_prev and rules.prompt[-len(start):] == start
+        assert len(rules.prompt) == 1 + 223 + len(start) and rules.prompt[rules.sot_index] == tok.sot
+        assert tok.decode(rules.prompt[1:224]).endswith("word298 word299")  # the last tokens kept
+    assert timed.timestamp_begin is not None and rules.timestamp_begin == timed.timestamp_begin
+
+
+def test_prompt_on_a_model_other_than_whisper_is_refused(untrained_model, tmp_path, capsys):
+    """Other models read no previous text: --prompt would do nothing, so it is one line of refusal."""
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.random.default_rng(0).normal(0, 0.1, 8000).astype(np.float32), 16000)
+    capsys.readouterr()
+    assert main(["transcribe", "--model", str(untrained_model["model"]), str(wav), "--quiet",
+                 "--prompt", "Kathleen"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --prompt: applies to Whisper models only")
+
+
 # ---------------------------------------------------------------------------- real weights
 @functools.lru_cache(maxsize=None)
 def tiny_en_greedy_texts(n: int) -> tuple[str, ...]:
@@ -350,6 +382,34 @@ def test_tiny_en_transcripts_equal_faster_whisper():
     print(f"identical {same}/50, WER speechformer {wer_ours:.4f} faster-whisper {wer_ref:.4f}")
     assert same >= 48
     assert abs(wer_ours - wer_ref) <= 0.3 and wer_ours < 0.25
+
+
+#: A prompt in another style (lower case, no punctuation), which tiny.en follows.
+STYLE_PROMPT = "ahem so um the danger trail by philip steele i mean like twentieth time"
+
+
+def test_tiny_en_prompt_equals_faster_whisper_initial_prompt(tiny_en):
+    """With --prompt, tiny.en writes what faster-whisper writes with initial_prompt (greedy, no
+    timestamps) on 3 kathleen utterances; the prompt changes the text (its style) but is not in
+    it, and without it the text is what it was."""
+    utts = kathleen_utterances(3)
+    paths = [KATHLEEN / u["audio"] for u in utts]
+    bundle = load_model(tiny_en)
+    plain = [r.text for r in Transcriber(bundle, bundle.default_options()).transcribe(paths)]
+    prompted = Transcriber(bundle, bundle.default_options(prompt=STYLE_PROMPT))
+    ours = [r.text for r in prompted.transcribe(paths)]
+    assert ours != plain and all(text and STYLE_PROMPT not in text for text in ours)
+    windows = prompted.transcribe_segments([prompted._read(p, 0.0, None) for p in paths])
+    assert [w.text for w in windows] == ours and all(max(w.tokens) < prompted.tokenizer.eot for w in windows)
+    assert [r.text for r in Transcriber(bundle, bundle.default_options()).transcribe(paths)] == plain
+    faster_whisper = pytest.importorskip("faster_whisper", reason="faster-whisper (test extra) not installed")
+    engine = faster_whisper.WhisperModel(str(tiny_en_dir()), device="cpu", compute_type="float32", cpu_threads=2)
+    reference = []
+    for p in paths:
+        segments, _ = engine.transcribe(str(p), beam_size=1, temperature=0.0, without_timestamps=True,
+                                        condition_on_previous_text=False, vad_filter=False, initial_prompt=STYLE_PROMPT)
+        reference.append(" ".join(s.text.strip() for s in segments))
+    assert ours == reference
 
 
 @pytest.mark.slow

@@ -176,7 +176,7 @@ async def transcriptions(request: Request) -> Response:
     ends = [(s + len(w)) / rate for s, w in chunks]
     result = formats.assemble(form.filename, len(wav) / rate, starts, done)
     return formats.render(result, asked.response_format, words=asked.words, language=asked.language,
-                          chunks=formats.chunk_segments(starts, ends, done))
+                          chunks=formats.chunk_segments(starts, ends, done), starts=starts, windows=done)
 
 
 @dataclass
@@ -227,6 +227,9 @@ def parse_request(form: Form, server: Server) -> Asked:
     whisper = server.worker.bundle.model.config.is_whisper
     if language and whisper:  # other models have one language: the field is accepted and ignored
         changes["language"] = language
+    prompt = form.get("prompt") or None
+    if prompt and whisper:  # other models read no previous text: the field is accepted and ignored
+        changes["prompt"] = prompt
     names = {"timestamps": "response_format"}
     base = server.transcriber.options
     try:

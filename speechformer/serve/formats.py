@@ -9,6 +9,7 @@ transcript is the command's; srt and vtt are the command's ``--format srt|vtt`` 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
@@ -51,8 +52,49 @@ def verbose_segments(result: TranscriptResult, chunks: list[Segment]) -> list[Se
     return chunks
 
 
-def render(result: TranscriptResult, fmt: str, *, words: bool, language: str, chunks: list[Segment]) -> Response:
-    """``result`` as ``fmt`` (one of :data:`FORMATS`); ``words``: ``timestamp_granularities[]=word``."""
+def compression_ratio(text: str) -> float:
+    """openai-whisper's ``compression_ratio``: bytes of text over bytes zlib-compressed."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw))
+
+
+#: openai-whisper's ``seek`` counts log-mel frames: 100 a second.
+SEEK_FRAMES_PER_SECOND = 100
+
+
+def window_of(segment: Segment, starts: Sequence[float]) -> int:
+    """The window a segment was decoded in: the last one to start at or before it."""
+    return max((i for i, start in enumerate(starts) if start <= segment.start + 1e-6), default=0)
+
+
+def segment_body(i: int, segment: Segment, window: WindowResult, window_start: float) -> dict[str, Any]:
+    """One ``verbose_json`` segment in OpenAI's shape; ``seek``: where its window starts, in
+    openai-whisper's frames (:data:`SEEK_FRAMES_PER_SECOND`). ``tokens``, ``avg_logprob``,
+    ``compression_ratio`` and ``no_speech_prob`` are its decoding window's, as openai-whisper
+    reports them (one segment per window unless Whisper's time tokens split it); ``avg_logprob``
+    and ``no_speech_prob`` are ``null`` for a model other than Whisper (it has no no-speech token,
+    and a joint or CTC score is not the text's log-probability); ``temperature`` is 0.0 (decoding
+    is deterministic)."""
+    return {"id": i, "seek": round(window_start * SEEK_FRAMES_PER_SECOND), "start": round(segment.start, 3),
+            "end": round(segment.end, 3), "text": segment.text, "tokens": window.tokens or [], "temperature": 0.0,
+            "avg_logprob": window.avg_logprob,
+            "compression_ratio": compression_ratio(window.text), "no_speech_prob": window.no_speech_prob}
+
+
+def segment_bodies(segments: Sequence[Segment], starts: Sequence[float], windows: Sequence[WindowResult]
+                   ) -> list[dict[str, Any]]:
+    """``verbose_json``'s segments, each with its window's numbers."""
+    bodies = []
+    for i, segment in enumerate(segments):
+        w = window_of(segment, starts)
+        bodies.append(segment_body(i, segment, windows[w], starts[w]))
+    return bodies
+
+
+def render(result: TranscriptResult, fmt: str, *, words: bool, language: str, chunks: list[Segment],
+           starts: Sequence[float], windows: Sequence[WindowResult]) -> Response:
+    """``result`` as ``fmt`` (one of :data:`FORMATS`); ``words``: ``timestamp_granularities[]=word``;
+    ``starts`` and ``windows``: the chunks' first seconds and results (``verbose_json``'s scores)."""
     if fmt == "json":
         return JSONResponse({"text": result.text})
     if fmt == "text":
@@ -61,9 +103,7 @@ def render(result: TranscriptResult, fmt: str, *, words: bool, language: str, ch
         return PlainTextResponse(subtitle_text(result, fmt), media_type=MEDIA[fmt])
     body: dict[str, Any] = {"task": "transcribe", "language": language, "duration": round(result.duration, 3),
                             "text": result.text,
-                            "segments": [{"id": i, "seek": 0, "start": round(s.start, 3), "end": round(s.end, 3),
-                                          "text": s.text, "temperature": 0.0}
-                                         for i, s in enumerate(verbose_segments(result, chunks))]}
+                            "segments": segment_bodies(verbose_segments(result, chunks), starts, windows)}
     if words:
         body["words"] = [{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)}
                          for w in result.words or []]
