@@ -533,8 +533,10 @@ def test_whisper_tiny_en_served_transcripts_equal_transcribe(tmp_path_factory):
     for body, window in zip(bodies, windows):
         assert body["segments"] and max(window.tokens) > prompted.tokenizer.eot  # time tokens
         for segment in body["segments"]:
-            assert segment["tokens"] == window.tokens and segment["avg_logprob"] == pytest.approx(window.avg_logprob)
-            assert segment["no_speech_prob"] == pytest.approx(window.no_speech_prob)
+            # the scores are floats from another batch (other padding, other kernels): equal to rounding
+            assert segment["tokens"] == window.tokens
+            assert segment["avg_logprob"] == pytest.approx(window.avg_logprob, abs=1e-4)
+            assert segment["no_speech_prob"] == pytest.approx(window.no_speech_prob, abs=1e-4)
             assert segment["avg_logprob"] < 0 and 0 < segment["no_speech_prob"] < 1 and segment["temperature"] == 0.0
 
 
