@@ -215,14 +215,19 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="profiled steps (and timed steps) per column")
     p.add_argument("--frontend", action="store_true", help="the recipe's log-mel frontend inside the step")
     p.add_argument("--modules", type=int, default=8, help="module classes listed in the overhead table")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: freed memory stays in the process (fastpath.keep_freed_memory, as fit does); "
+                        "default: glibc's own behaviour")
     args = p.parse_args()
 
     import torch
 
-    from speechformer.fastpath import flush_denormals
+    from speechformer.fastpath import flush_denormals, keep_freed_memory
 
     torch.set_num_threads(args.threads)
     flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
+    if args.malloc == "keep":
+        keep_freed_memory()  # as fit does: process-wide, so for both sides of a comparison
     columns, cats, modules = [], {}, {}
     for shape in args.shape:
         for precision in args.precision:

@@ -56,14 +56,19 @@ def main() -> int:
     p.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: freed memory stays in the process (fastpath.keep_freed_memory, as fit does); "
+                        "default: glibc's own behaviour")
     args = p.parse_args()
 
     import torch
 
-    from speechformer.fastpath import flush_denormals
+    from speechformer.fastpath import flush_denormals, keep_freed_memory
 
     torch.set_num_threads(args.threads)
     flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
+    if args.malloc == "keep":
+        keep_freed_memory()  # as fit does: process-wide, so for both sides of a comparison
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = import_revision(args.base, Path(tmp))

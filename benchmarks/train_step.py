@@ -90,6 +90,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: freed memory stays in the process (fastpath.keep_freed_memory, as fit does); "
+                        "default: glibc's own behaviour")
     args = p.parse_args()
     if args.quick:
         args.rounds = 2
@@ -97,7 +100,7 @@ def main() -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from speechformer.fastpath import flush_denormals
+    from speechformer.fastpath import flush_denormals, keep_freed_memory
     from speechformer.flops import measure_peak_tflops
 
     try:
@@ -107,6 +110,8 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     flush_denormals()  # as fit and transcribe do (speechformer/fastpath.py)
+    if args.malloc == "keep":
+        keep_freed_memory()  # as fit does: process-wide, so for both sides of a comparison
     peaks = {"bf16": measure_peak_tflops(dtype="bfloat16"), "fp32": measure_peak_tflops(dtype="float32")}
 
     def autocast(precision: str):

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.model_summary.model_summary import _format_summ
 
 from .checkpoint import random_state, remove_orphan_temp_files, set_random_state
 from .decoding import DecodeOptions, decode
-from .fastpath import flush_denormals, tune_for_training
+from .fastpath import flush_denormals, keep_freed_memory, tune_for_training
 from .flops import measure_peak_tflops, training_flops
 from .frontend import WHISPER_WINDOW_SECONDS, feature_sums
 from .metrics import score
@@ -245,8 +245,10 @@ class SpeechModule(L.LightningModule):
     # ----------------------------------------------------------------- setup
     def on_fit_start(self) -> None:
         # the hardware tuning of training (speechformer/fastpath.py), switched on here, at fit:
-        # subnormal floats read as zero, and on CPU the byte-mask dropout and written-out attention
+        # subnormal floats read as zero, freed memory kept for the next step's tensors, and on CPU
+        # the byte-mask dropout and written-out attention
         flush_denormals()
+        keep_freed_memory()
         tune_for_training(self.model)
         self._remove_orphan_checkpoint_writes()
         if self.peak_tflops <= 0:
