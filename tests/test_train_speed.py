@@ -197,6 +197,63 @@ def test_training_step_with_the_fast_path_equals_the_plain_path(monkeypatch, bf1
         torch.testing.assert_close(a, b, **tol)
 
 
+def conv1d_convolution_module(m, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """The Conformer's convolution module as written before the time-major layout: channels
+    second, every convolution an ``nn.Conv1d`` call (the formula the layout must keep)."""
+    y = F.glu(m.pointwise1(x.transpose(1, 2)), dim=1).masked_fill(pad[:, None, :], 0.0)
+    y = m.depthwise(y)
+    y = m.norm(y.transpose(1, 2)).transpose(1, 2) if isinstance(m.norm, torch.nn.LayerNorm) else m.norm(y)
+    return m.pointwise2(m.act(y)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_conformer_convolution_module_time_major_and_its_cpu_kernel_equal_the_conv1d_formula(bf16, norm):
+    """The convolution module on [B, T, D] frames (pointwise convolutions as linear layers on the
+    Conv1d weights, the depthwise one channels-last) and, after ``tune_for_training``, its CPU
+    depthwise kernel with its own backward, give the output and the input, weight and bias
+    gradients of the Conv1d formula on [B, D, T], padded frames included; fp32 and bf16 autocast."""
+    from speechformer import fastpath
+    from speechformer.model import ConvolutionModule
+
+    torch.manual_seed(0)
+    module = ConvolutionModule(24, 7, norm=norm).train()
+    x = torch.randn(3, 19, 24)
+    pad = torch.arange(19)[None, :] >= torch.tensor([19, 12, 5])[:, None]
+    # each tensor within a fraction of its own norm (bf16 rounding, amplified by BatchNorm's
+    # training-mode statistics, puts a few elements of a gradient near zero off by 0.08)
+    limit = 2e-2 if bf16 else 1e-5
+
+    def run(forward):
+        module.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = forward(xi)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        return [y.detach().float(), xi.grad] + [p.grad.clone() for p in module.parameters()]
+
+    reference = run(lambda xi: conv1d_convolution_module(module, xi, pad))
+    plain = run(lambda xi: module(xi, pad))
+    assert fastpath.tune_for_training(module) is module
+    assert module.depthwise_kernel is fastpath.cpu_training_depthwise_conv
+    calls = []
+    module.depthwise_kernel = lambda *a: calls.append(1) or fastpath.cpu_training_depthwise_conv(*a)
+    tuned = run(lambda xi: module(xi, pad))
+    assert calls
+    names = ["output", "input"] + [name for name, _ in module.named_parameters()]
+    for got in (plain, tuned):
+        assert len(got) == len(reference) == len(names)
+        for name, a, b in zip(names, got, reference):
+            if norm == "batch" and name == "depthwise.bias":
+                continue  # zero in exact arithmetic (BatchNorm takes away a per-channel shift): rounding noise on both
+            assert a.shape == b.shape and float((a - b).norm() / b.norm()) < limit, name
+    from speechformer.model.layers import depthwise_conv
+
+    with torch.no_grad():  # without gradients the CPU kernel is the plain one
+        w, b = module.depthwise.weight, module.depthwise.bias
+        assert torch.equal(fastpath.cpu_training_depthwise_conv(x, w, b), depthwise_conv(x, w, b))
+
+
 def test_tuning_swaps_only_kernels_keeps_the_state_dict_and_falls_back_where_it_does_not_pay():
     """``tune_for_training`` replaces each dropout module by a byte-mask dropout of the same p and
     gives each attention module the CPU kernel, in place, with the same state dict; the CPU kernel
