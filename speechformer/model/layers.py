@@ -162,9 +162,10 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
-        # ReLU in place: fc1's output is not kept for its backward, so it needs no copy of its own
-        others = {"gelu": nn.GELU, "silu": nn.SiLU}
-        self.act = others[activation]() if activation in others else nn.ReLU(inplace=True)
+        # Not in place: fc1's output is a view (of the [B*T, d_ff] matmul), and an in-place op on a
+        # view makes autograd rebuild the base in backward (CopySlices: three copies of the widest
+        # activation and a zero fill per layer)
+        self.act = {"gelu": nn.GELU, "silu": nn.SiLU}.get(activation, nn.ReLU)()
         self.dropout = Dropout(dropout)  # on the wide activations (config: activation_dropout)
         self.fc2 = nn.Linear(d_ff, d_model)
 
