@@ -133,6 +133,23 @@ def test_frontend_frames_are_normalised_with_stored_statistics():
     assert "mean" in fe.state_dict() and "std" in fe.state_dict()  # stats travel with the checkpoint
 
 
+def test_frontend_log_mel_is_torchaudios_mel_spectrogram():
+    """The log-mel is the log of torchaudio's ``MelSpectrogram`` on the zero-padded audio (the power
+    computed as re^2 + im^2 instead of |X|^2: equal to float32 rounding), at several lengths."""
+    import torchaudio
+
+    torch.manual_seed(0)
+    fe = LogMelFrontend()
+    reference = torchaudio.transforms.MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=160, n_mels=80,
+                                                     power=2.0, center=False)
+    for n in (400, 16000, 23456):
+        wav = torch.randn(3, n) * torch.tensor([[0.01], [0.1], [1.0]])
+        ours, frames = fe.log_mel(wav, torch.full((3,), n))
+        expected = reference(torch.nn.functional.pad(wav, (256, 256))).clamp_min(1e-10).log().transpose(1, 2)
+        assert ours.shape == expected.shape and int(frames[0]) == ours.shape[1]
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-5)
+
+
 def test_specaugment_masks_only_in_training():
     aug = SpecAugment(freq_masks=2, freq_width=10, time_masks=2, time_width_ratio=0.2)
     x = torch.ones(4, 100, 80)
