@@ -406,10 +406,14 @@ def test_speed_perturbation_changes_the_length_by_the_factor(tmp_path, factor):
 def test_speed_perturbation_keeps_its_resampling_kernel_and_equals_torchaudios_resample():
     from speechformer.data import _resampler, change_speed
 
-    wav = torch.from_numpy(tone(1.0))
-    for factor in (0.9, 1.1):
-        expected = torchaudio.functional.resample(wav, int(round(SR * factor)), SR)
-        assert torch.allclose(change_speed(wav, SR, factor), expected, atol=1e-6)
+    for seconds in (0.0113, 1.0, 2.7071):  # lengths that are no multiple of the resampling period
+        wav = torch.from_numpy(tone(seconds))
+        for factor in (0.9, 1.1):
+            expected = torchaudio.functional.resample(wav, int(round(SR * factor)), SR)
+            got = change_speed(wav, SR, factor)
+            assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
+        two = torch.stack([wav, -wav])  # a batch of signals: each resampled on its own
+        assert torch.allclose(change_speed(two, SR, 1.1)[1], -change_speed(wav, SR, 1.1), atol=1e-6)
     assert _resampler(int(SR * 0.9), SR) is _resampler(int(SR * 0.9), SR)  # made once, not per utterance
 
 
