@@ -352,6 +352,86 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_training_step():
     assert kept < default / 10  # measured 0-330
 
 
+_KERNELS = '''
+import sys, torch
+from speechformer.fastpath import keep_compiled_kernels
+if sys.argv[1] == "keep":
+    assert keep_compiled_kernels(4096)
+torch.set_num_threads(1)
+conv = torch.nn.Conv2d(4, 4, 3)
+with torch.no_grad():
+    for _ in range(2):
+        print("=== pass", flush=True)
+        for length in range(16, 16 + 1200):  # more shapes than oneDNN's default cache of 1,024 kernels
+            conv(torch.zeros(2, 4, length, 8))
+'''
+
+
+def test_keep_compiled_kernels_compiles_each_shape_once():
+    """oneDNN compiles a kernel per tensor shape; by default it keeps 1,024, so a run that sees
+    more shapes (a training run's batches do) compiles them again on every pass; after
+    ``keep_compiled_kernels`` (what ``fit`` calls) the second pass compiles nothing."""
+    import os
+    import subprocess
+
+    def compiled(mode: str) -> tuple[int, int]:
+        env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+                                                                 "DNNL_PRIMITIVE_CACHE_CAPACITY")}
+        env["ONEDNN_VERBOSE"] = "profile_create"  # a line for each kernel oneDNN creates
+        out = subprocess.run([sys.executable, "-c", _KERNELS, mode], capture_output=True, text=True, check=True,
+                             env=env).stdout
+        first, second = out.split("=== pass")[1:]
+        return first.count("create:cache_miss"), second.count("create:cache_miss")
+
+    default, kept = compiled("default"), compiled("keep")
+    if default[0] == 0:
+        pytest.skip("this torch's convolutions do not run on oneDNN here")
+    assert default[0] >= 1200 and default[1] >= 1200  # every shape compiled again on the second pass
+    assert kept[0] == default[0] and kept[1] == 0
+
+
+def test_fused_adamw_with_gradient_clipping_trains_as_lightnings_clipping(tiny_corpus, tmp_path, monkeypatch):
+    """Lightning refuses to clip the gradients of a fused AdamW; in fp32 and bf16 (no gradient
+    scaler) the module clips them itself, so the recipe's clipped training gets the fused step:
+    the weights after clipped steps equal those of the unfused AdamW clipped by Lightning."""
+    import lightning as L
+
+    import speechformer.lightning
+    from speechformer.data import SpeechDataModule, read_manifest
+    from speechformer.lightning import SpeechModule
+    from speechformer.tokenizer import train_tokenizer
+
+    train = tiny_corpus / "train.jsonl"
+    train_tokenizer([u.text for u in read_manifest(train)], 40, tmp_path / "tok")
+    config = ModelConfig(**{**TINY, "n_mels": 80, "ctc_weight": 0.3})
+
+    def fit(precision: str, clip: float) -> tuple[torch.optim.Optimizer, dict[str, torch.Tensor]]:
+        L.seed_everything(0, verbose=False)
+        module = SpeechModule(model=config, tokenizer=str(tmp_path / "tok"), lr=3e-3, warmup_steps=1,
+                              peak_tflops=1.0)
+        data = SpeechDataModule(train_manifest=str(train), valid_manifest=str(train), tokenizer=str(tmp_path / "tok"),
+                                max_batch_seconds=8.0, num_workers=0)
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, precision=precision, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+                            use_distributed_sampler=False, gradient_clip_val=clip)
+        trainer.fit(module, datamodule=data)
+        return trainer.optimizers[0], {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+    for precision in ("32-true", "bf16-mixed"):
+        optimizer, ours = fit(precision, 0.05)  # a norm far under the gradients': every step clipped
+        assert optimizer.defaults["fused"]
+        _, unclipped = fit(precision, 0.0)
+        with monkeypatch.context() as patch:
+            patch.setattr(speechformer.lightning, "clips_fused_gradients", lambda trainer: False)
+            optimizer, lightnings = fit(precision, 0.05)
+        assert not optimizer.defaults["fused"]
+        assert max(float((ours[k] - unclipped[k]).abs().max()) for k in ours) > 1e-3  # clipping changed the steps
+        for name in ours:
+            # fused and per-tensor AdamW round differently: up to 5e-6 here, against 5e-4 to 2e-3 for clipping
+            torch.testing.assert_close(ours[name], lightnings[name], atol=2e-5, rtol=0.0, msg=name)
+
+
 def test_hardware_tuning_is_switched_on_by_the_entry_points_not_by_building(untrained_model, denormals_kept,
                                                                             monkeypatch):
     """Building a model, a training module or a Transcriber changes nothing process-wide and tunes
@@ -384,10 +464,11 @@ def test_hardware_tuning_is_switched_on_by_the_entry_points_not_by_building(untr
     import speechformer.lightning
 
     kept = []
-    monkeypatch.setattr(speechformer.lightning, "keep_freed_memory", lambda: kept.append(True) or True)
+    monkeypatch.setattr(speechformer.lightning, "keep_freed_memory", lambda: kept.append("memory") or True)
+    monkeypatch.setattr(speechformer.lightning, "keep_compiled_kernels", lambda: kept.append("kernels") or True)
     module.trainer = Trainer()
     module.on_fit_start()
-    assert flushes_denormals() and kept == [True]
+    assert flushes_denormals() and kept == ["memory", "kernels"]
     assert all(m.kernel is fastpath.cpu_training_attention for m in module.model.modules()
                if isinstance(m, MultiHeadAttention))
     assert not any(isinstance(m, torch.nn.Dropout) for m in module.model.modules())
