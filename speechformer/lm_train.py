@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .lightning import FusedAdamWClipping, adamw_warmup_cosine, lightning_clips_gradients, quiet_lightning_notices
+from .lightning import adamw_warmup_cosine, quiet_lightning_notices
 from .lm import LanguageModel, LMConfig, export_lm, pad_batch, perplexity
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -99,7 +99,7 @@ def sentencepiece_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer
 
 
-class LMModule(FusedAdamWClipping, L.LightningModule):
+class LMModule(L.LightningModule):
     """Cross-entropy of the next piece; the perplexity on the validation sentences each epoch."""
 
     def __init__(self, model: LanguageModel, lr: float, weight_decay: float, warmup_steps: int,
@@ -136,9 +136,9 @@ class LMModule(FusedAdamWClipping, L.LightningModule):
                   file=sys.stderr)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        clipping = bool(self.trainer is not None and self.trainer.gradient_clip_val)
         return adamw_warmup_cosine(self.model.named_parameters(), self.lr, self.weight_decay, (0.9, 0.98),
-                                   self.warmup_steps, self.total_steps, self.min_lr_ratio,
-                                   lightning_clips_gradients(self.trainer))
+                                   self.warmup_steps, self.total_steps, self.min_lr_ratio, clipping)
 
 
 @dataclass
