@@ -90,8 +90,10 @@ def keep_compiled_kernels(capacity: int = 65536) -> bool:
     the synthetic recipe's bf16 step needs 61 of them (49 matmuls, at about 1.3 ms each on the AMX
     Xeon: 70 ms, half again the step), and training batches come in hundreds of shapes (their
     lengths and utterance counts vary; speed perturbation multiplies the lengths by three), so
-    with the default cache every step compiled its kernels again. With room for 65,536 (about
-    9 KB each, measured: 56 MB for 100 batch shapes) each shape is compiled once per run.
+    with the default cache every step compiled its kernels again. With room for 65,536 each shape
+    is compiled once per run (the recipe's epochs 1.27x faster), at a price in memory: the recipe's
+    training process held 5.2 GB instead of 2.6 (measured side by side). Where memory is short, set
+    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (1024 is oneDNN's default) before training.
 
     oneDNN reads the setting from the environment once, when it generates its first kernel in the
     process: called after that, the call changes nothing. A capacity the user set in the
