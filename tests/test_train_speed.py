@@ -375,8 +375,9 @@ def test_keep_compiled_kernels_compiles_each_shape_once():
     import subprocess
 
     def compiled(mode: str) -> tuple[int, int]:
-        env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY",
-                                                                 "DNNL_PRIMITIVE_CACHE_CAPACITY")}
+        from speechformer.fastpath import ONEDNN_CACHE_VARIABLES
+
+        env = {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHE_VARIABLES}
         env["ONEDNN_VERBOSE"] = "profile_create"  # a line for each kernel oneDNN creates
         out = subprocess.run([sys.executable, "-c", _KERNELS, mode], capture_output=True, text=True, check=True,
                              env=env).stdout
