@@ -70,7 +70,8 @@ def test_a_batch_of_short_clips_gives_each_clip_what_it_gets_alone(subsampling):
 
 def test_normal_lengths_are_unchanged_by_the_short_input_padding():
     """From the receptive field on, the stems compute their plain convolutions (the conv2d stem in
-    another memory layout, channels-last: equal to float32 rounding)."""
+    another memory layout, channels-last, and its projection reading the frames in (F', C) order
+    with the weight reordered to match: equal to float32 rounding, gradients too)."""
     torch.manual_seed(2)
     conv2d, conv1d = Conv2dSubsampling(80, 32, 8), Conv1dSubsampling(80, 32)
     for frames in (7, 8, 9, 50, 333):
@@ -78,7 +79,12 @@ def test_normal_lengths_are_unchanged_by_the_short_input_padding():
         y = conv2d.conv(x.unsqueeze(1))
         b, c, t, f = y.shape
         plain = conv2d.norm(conv2d.proj(y.transpose(1, 2).reshape(b, t, c * f)))
-        torch.testing.assert_close(conv2d(x), plain, atol=1e-5, rtol=1e-5)
+        grad = torch.randn_like(plain)
+        plain_grads = torch.autograd.grad(plain, list(conv2d.parameters()), grad)
+        out = conv2d(x)
+        torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+        for g, want in zip(torch.autograd.grad(out, list(conv2d.parameters()), grad), plain_grads):
+            torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
         assert t == int(conv2d.output_lengths(torch.tensor(frames)))
         plain1 = conv1d.act(conv1d.conv2(conv1d.act(conv1d.conv1(x.transpose(1, 2))))).transpose(1, 2)
         assert torch.equal(conv1d(x), plain1)

@@ -122,8 +122,14 @@ class Conv2dSubsampling(nn.Module):
         # so the convolutions compute and write [B, T', F', C] in memory, the layout oneDNN's CPU
         # kernels are fast in (bf16: 1.8x the stem's forward + backward against [B, C, T', F']).
         y = self.conv(pad_to_receptive_field(x, self.min_frames).unsqueeze(3).permute(0, 3, 1, 2))
-        b, c, t, f = y.shape  # each output frame's C x F' values to the projection, in (C, F') order
-        return self.norm(self.proj(y.transpose(1, 2).reshape(b, t, c * f)))
+        b, c, t, f = y.shape
+        # Each output frame's C x F' values go to the projection. The weight's columns are in
+        # (C, F') order (the checkpoints' layout); the frames lie in memory as [B, T', F', C], so
+        # the weight (small) is reordered to (F', C) and the activations (large) are read as a
+        # view: no copy of them forward, none of their gradient backward.
+        weight = self.proj.weight.view(-1, c, f).transpose(1, 2).reshape(-1, f * c)
+        frames = y.permute(0, 2, 3, 1).reshape(b, t, f * c)
+        return self.norm(nn.functional.linear(frames, weight, self.proj.bias))
 
 
 class Conv1dSubsampling(nn.Module):
