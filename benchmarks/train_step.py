@@ -6,10 +6,11 @@ Architecture (issue 4): 12 encoder / 6 decoder layers, d_model 256, 4 heads, FFN
 vocab 5000, convolutional subsampling (x4), dropout 0.1 (activation dropout 0, both libraries'
 default), plain cross-entropy, fused AdamW on both sides.
 Batch: 8 utterances of 10 s (1000 log-mel frames, 80 bins, computed before the step so both
-sides get the same features), 40 target tokens. Second row (issue 14): the synthetic recipe's
+sides get the same features), 40 target tokens; a second s2t-small row gives speechformer the stem
+of HF's kind (`subsampling: conv1d_glu`). Then (issue 14): the synthetic recipe's
 model (d 192, 6 / 3 layers, FFN 768, CTC weight 0.5, vocab 256) on 30 x 2.7 s, 16 tokens; HF at
-the same sizes. The two stems differ in kind (speechformer:
-two 3x3 conv2d with 128 channels; Speech2Text: two conv1d k5 with GLU), so the table also
+the same sizes. In the other rows the two stems differ in kind (speechformer:
+3x3 conv2d; Speech2Text: two conv1d k5 with GLU), so the table also
 gives each side's counted FLOPs per step (torch.utils.flop_counter), and the throughput ratio
 is reported both in audio-seconds and in FLOP/s.
 
@@ -43,6 +44,13 @@ SHAPES = {
                                 n_decoder_layers=6, dropout=0.1, activation_dropout=0.0, subsampling_channels=128,
                                 ctc_head=False, ctc_weight=0.0, label_smoothing=0.0),
                       dropout=0.1, batch=8, frames=1000, tokens=40),
+    # issue 4's shape with the stem of HF's kind: Speech2Text's conv1d + GLU (k5, stride 2, 1024 channels
+    # before the GLU, 512 after), unpadded (`subsampling: conv1d_glu`): the same architecture, stem included
+    "s2t-small-conv1d": dict(ours=dict(vocab_size=5000, d_model=256, n_heads=4, d_ff=2048, n_encoder_layers=12,
+                                       n_decoder_layers=6, dropout=0.1, activation_dropout=0.0,
+                                       subsampling="conv1d_glu", subsampling_channels=512,
+                                       ctc_head=False, ctc_weight=0.0, label_smoothing=0.0),
+                             dropout=0.1, batch=8, frames=1000, tokens=40),
     "recipe": dict(ours=dict(vocab_size=256, d_model=192, n_heads=4, d_ff=384, n_encoder_layers=6,
                              n_decoder_layers=3, dropout=0.0, subsampling_channels=32, subsampling_layers=3,
                              encoder="conformer", encoder_positions="sinusoidal+rotary", encoder_input_scale=True,

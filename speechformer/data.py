@@ -206,15 +206,16 @@ class UtteranceLimits:
 
     def __init__(self, config: "ModelConfig", prompt_length: int = 1, speeds: Sequence[float] = ()) -> None:
         from .frontend import LogMelFrontend, WhisperFrontend
-        from .model.layers import Conv1dSubsampling, Conv2dSubsampling
+        from .model.layers import Conv1dGLUSubsampling, Conv1dSubsampling, Conv2dSubsampling
 
         self.config = config
         self.prompt_length = prompt_length
         self.speeds = (min(speeds), max(speeds)) if speeds else (1.0, 1.0)
         self.whisper = config.is_whisper
         self._frontend = WhisperFrontend() if self.whisper else LogMelFrontend(config.sample_rate, config.n_mels)
-        self._subsampling_lengths = (partial(Conv2dSubsampling.lengths_after, layers=config.subsampling_layers)
-                                     if config.subsampling == "conv2d" else Conv1dSubsampling.output_lengths)
+        stem = {"conv2d": Conv2dSubsampling, "conv1d_glu": Conv1dGLUSubsampling}.get(config.subsampling)
+        self._subsampling_lengths = (partial(stem.lengths_after, layers=config.subsampling_layers) if stem
+                                     else Conv1dSubsampling.output_lengths)
         # rotary positions alone have no table (nothing is added to the stream): no frame limit
         self.max_frames = None if config.encoder_positions == "rotary" else config.max_source_positions
         self.max_tokens = config.max_target_positions - prompt_length

@@ -11,11 +11,11 @@ from __future__ import annotations
 from .model.config import ModelConfig
 
 
-def forward_flops(config: ModelConfig, batch: int, frames: int, tokens: int) -> float:
-    """FLOPs of one forward pass over ``batch`` utterances of ``frames`` mel frames and
-    ``tokens`` decoder tokens each (padded sizes: that is what the hardware computes)."""
+def stem_flops(config: ModelConfig, frames: int) -> tuple[int, int]:
+    """FLOPs of the subsampling stem over one utterance of ``frames`` mel frames, and the encoder
+    frames it makes."""
     c = config
-    d, ff = c.d_model, c.d_ff
+    d = c.d_model
     if c.subsampling == "conv2d":
         ch = c.subsampling_channels or d
         t, f = (frames - 3) // 2 + 1, (c.n_mels - 3) // 2 + 1  # the first convolution: one input channel
@@ -25,9 +25,25 @@ def forward_flops(config: ModelConfig, batch: int, frames: int, tokens: int) -> 
             stem += 2 * ch * ch * 9 * t * f
         stem += 2 * ch * f * d * t  # the linear to d_model
         t_enc = t
+    elif c.subsampling == "conv1d_glu":  # 5-wide stride-2 convolutions to twice the channels (GLU halves them)
+        widths = [c.n_mels] + [c.subsampling_channels or d] * (c.subsampling_layers - 1) + [d]
+        t, stem = frames, 0
+        for c_in, c_out in zip(widths, widths[1:]):
+            t = (t - 3) // 2
+            stem += 2 * c_in * 5 * 2 * c_out * t
+        t_enc = t
     else:
         t_enc = (frames - 1) // 2 + 1
         stem = 2 * c.n_mels * d * 3 * frames + 2 * d * d * 3 * t_enc
+    return stem, t_enc
+
+
+def forward_flops(config: ModelConfig, batch: int, frames: int, tokens: int) -> float:
+    """FLOPs of one forward pass over ``batch`` utterances of ``frames`` mel frames and
+    ``tokens`` decoder tokens each (padded sizes: that is what the hardware computes)."""
+    c = config
+    d, ff = c.d_model, c.d_ff
+    stem, t_enc = stem_flops(c, frames)
     enc_layer = t_enc * (8 * d * d + 4 * d * ff) + 4 * t_enc * t_enc * d
     if c.encoder == "conformer":  # a second feed-forward, and the convolution module (pointwise d->2d, depthwise, d->d)
         enc_layer += t_enc * (4 * d * ff + 6 * d * d + 2 * c.conv_kernel_size * d)

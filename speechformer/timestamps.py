@@ -62,6 +62,11 @@ class FrameClock:
             # mel frame i is centred on i hops (the frontend pads half a window)
             factor = c.subsampling_factor
             return cls(stride=factor * hop, offset=(factor - 1) * hop)
+        if c.subsampling == "conv1d_glu":
+            # L 5-wide stride-2 convolutions without padding: each centres its output on input frame
+            # 2k + 2, so encoder frame k is centred on mel frame 2^L k + 2 (2^L - 1) (L = 2: 4k + 6)
+            factor = c.subsampling_factor
+            return cls(stride=factor * hop, offset=2 * (factor - 1) * hop)
         # conv1d (Whisper): stride 2 with padding 1, frame k centred on mel frame 2k
         return cls(stride=2 * hop, offset=0.0)
 

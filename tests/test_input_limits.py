@@ -17,7 +17,7 @@ import torch
 
 from speechformer.decoding import DecodeOptions, decode
 from speechformer.model import ModelConfig, SpeechTransformer
-from speechformer.model.layers import Conv1dSubsampling, Conv2dSubsampling
+from speechformer.model.layers import Conv1dGLUSubsampling, Conv1dSubsampling, Conv2dSubsampling
 
 
 def tiny_model(subsampling: str = "conv2d", **kw) -> SpeechTransformer:
@@ -28,7 +28,7 @@ def tiny_model(subsampling: str = "conv2d", **kw) -> SpeechTransformer:
 
 
 # --------------------------------------------------------------------------- any length >= 1 sample
-@pytest.mark.parametrize("subsampling", ["conv2d", "conv1d"])
+@pytest.mark.parametrize("subsampling", ["conv2d", "conv1d_glu", "conv1d"])
 @pytest.mark.parametrize("samples", [1, 100, 400, 800])
 def test_the_model_encodes_decodes_and_trains_on_any_length_from_one_sample(subsampling, samples):
     """1 sample to 50 ms (fewer frames than the conv2d stem's 7-frame receptive field): one
@@ -46,11 +46,11 @@ def test_the_model_encodes_decodes_and_trains_on_any_length_from_one_sample(subs
     assert bool(torch.isfinite(out["loss"])), out
 
 
-@pytest.mark.parametrize("subsampling", ["conv2d", "conv1d"])
+@pytest.mark.parametrize("subsampling", ["conv2d", "conv1d_glu", "conv1d"])
 def test_a_batch_of_short_clips_gives_each_clip_what_it_gets_alone(subsampling):
     """Several short clips batched together (transcribe --batch-seconds 2, or a small training
-    batch): no error, and each clip gets as many encoder frames as on its own; with the conv2d
-    stem (trained models) the frames are the same. The conv1d stem (Whisper, always 30 s windows)
+    batch): no error, and each clip gets as many encoder frames as on its own; with the unpadded
+    stems (conv2d, conv1d_glu) the frames are the same. The conv1d stem (Whisper, always 30 s windows)
     pads inside its convolutions, so a clip's last frame there reads its neighbour's padding."""
     model = tiny_model(subsampling)
     lengths = [1, 100, 480, 800, 1000]
@@ -64,7 +64,7 @@ def test_a_batch_of_short_clips_gives_each_clip_what_it_gets_alone(subsampling):
         alone, alone_lengths = model.encode(clip[None], torch.tensor([len(clip)]))
         n = int(alone_lengths[0])
         assert int(mem_lengths[row]) == n and bool(torch.isfinite(memory[row]).all())
-        if subsampling == "conv2d":
+        if subsampling != "conv1d":
             torch.testing.assert_close(memory[row, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
 
 
@@ -102,6 +102,25 @@ def test_three_convolutions_give_80_ms_frames_and_their_length_rule_holds():
     assert abs(y.shape[1] - 801 / 8) < 2  # ~one frame per 80 ms
     with pytest.raises(ValueError, match="subsampling_layers"):
         ModelConfig(subsampling_layers=4)
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_the_conv1d_glu_stem_length_rule_and_receptive_field_hold(layers):
+    """5-wide stride-2 unpadded convolutions: (T - 5) // 2 + 1 frames per layer, 13 (two layers) or
+    29 (three) input frames for one output frame, 40 or 80 ms frames; shorter clips give one frame."""
+    torch.manual_seed(3)
+    stem = Conv1dGLUSubsampling(80, 32, 16, layers=layers)
+    assert stem.min_frames == {2: 13, 3: 29}[layers]
+    assert ModelConfig(subsampling="conv1d_glu", subsampling_layers=layers).subsampling_factor == 2 ** layers
+    for frames in (1, stem.min_frames - 1, stem.min_frames, stem.min_frames + 1, stem.min_frames + 2, 100, 801):
+        want = frames
+        for _ in range(layers):
+            want = (want - 5) // 2 + 1
+        y = stem(torch.randn(1, frames, 80))
+        assert y.shape[1] == int(stem.output_lengths(torch.tensor(frames))) == max(1, want)
+    assert abs(y.shape[1] - 801 / 2 ** layers) < 4
+    with pytest.raises(ValueError, match="subsampling must be"):
+        ModelConfig(subsampling="conv3d")
 
 
 # --------------------------------------------------------------------------- training: what fits the model
@@ -251,3 +270,17 @@ def test_training_refuses_utterances_the_model_cannot_take_before_it_starts_unle
     lost = [m for m in messages if "the tokenizer does not represent" in m]
     assert len(lost) == 1 and "'你' (U+4F60) x1, line(s) 3" in lost[0], messages
     assert trainer.global_step == 3 and [u.line for u in data.train_dataset().utts] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("subsampling, layers", [("conv2d", 2), ("conv2d", 3), ("conv1d_glu", 2), ("conv1d_glu", 3)])
+def test_the_stems_counted_flops_equal_what_torch_counts(subsampling, layers):
+    """MFU's numerator for the stem (``flops.stem_flops``) against ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from speechformer.flops import stem_flops
+
+    model = tiny_model(subsampling, subsampling_layers=layers)
+    with FlopCounterMode(display=False) as counter:
+        y = model.subsampling(torch.randn(1, 333, 80))
+    flops, frames = stem_flops(model.config, 333)
+    assert frames == y.shape[1] and flops == counter.get_total_flops()

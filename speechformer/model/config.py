@@ -36,9 +36,13 @@ class ModelConfig:
     n_mels: int = 80
     frontend: Literal["fbank", "whisper"] = "fbank"
     # frames -> encoder input
-    subsampling: Literal["conv2d", "conv1d"] = "conv2d"
-    subsampling_channels: int = 0  # conv2d only; 0 means d_model
-    subsampling_layers: int = 2  # conv2d only: stride-2 convolutions, 2 -> 40 ms frames, 3 -> 80 ms
+    # conv2d: 3x3 convolutions over (time, mel); conv1d_glu: 5-wide convolutions over time with GLUs
+    # (Speech2Text's stem, unpadded; matmul-shaped, so cheaper to train on CPUs); conv1d: Whisper's
+    subsampling: Literal["conv2d", "conv1d_glu", "conv1d"] = "conv2d"
+    # conv2d: the convolutions' channels; conv1d_glu: the width between its layers (Speech2Text's
+    # conv_channels / 2); 0 means d_model
+    subsampling_channels: int = 0
+    subsampling_layers: int = 2  # conv2d, conv1d_glu: stride-2 convolutions, 2 -> 40 ms frames, 3 -> 80 ms
 
     # encoder: "transformer" (self-attention + feed-forward) or "conformer" (macaron
     # feed-forward halves around self-attention and a convolution module; see layers.py)
@@ -95,6 +99,9 @@ class ModelConfig:
             raise ValueError(f"model config: encoder must be transformer or conformer, got {self.encoder!r}")
         if self.conv_kernel_size < 1 or self.conv_kernel_size % 2 == 0:
             raise ValueError(f"model config: conv_kernel_size must be odd and positive, got {self.conv_kernel_size}")
+        if self.subsampling not in ("conv2d", "conv1d_glu", "conv1d"):
+            raise ValueError(f"model config: subsampling must be conv2d, conv1d_glu or conv1d (Whisper's), "
+                             f"got {self.subsampling!r}")
         if self.subsampling_layers not in (2, 3):
             raise ValueError(f"model config: subsampling_layers must be 2 (40 ms frames) or 3 (80 ms), "
                              f"got {self.subsampling_layers}")
@@ -126,7 +133,7 @@ class ModelConfig:
 
     @property
     def subsampling_factor(self) -> int:
-        return 2 ** self.subsampling_layers if self.subsampling == "conv2d" else 2
+        return 2 if self.subsampling == "conv1d" else 2 ** self.subsampling_layers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -132,6 +132,49 @@ class Conv2dSubsampling(nn.Module):
         return self.norm(nn.functional.linear(frames, weight, self.proj.bias))
 
 
+class Conv1dGLUSubsampling(nn.Module):
+    """5-wide stride-2 convolutions over time, each followed by a GLU (Speech2Text's stem).
+
+    Each mel frame vector is one input channel vector: a convolution mixes 5 neighbouring frames
+    and halves the frame rate (2 layers: 40 ms, 3: 80 ms); its output has twice the channels, and
+    the GLU lets one half gate the other. The last layer's GLU gives ``d_model``. Unlike
+    Speech2Text's, the convolutions are unpadded, as the conv2d stem's: an output frame reads only
+    frames of its own clip, so a clip's encoding does not depend on the padding of its batch.
+    Every convolution is matmul-shaped (all mel bins at once), so it trains at the matmul rate:
+    at s2t-small's shape its forward + backward is 0.34x (fp32) and 0.48x (bf16) the time of a
+    128-channel conv2d stem (benchmarks/README.md). (As one matmul over ``Tensor.unfold``-ed
+    windows of time-major frames it measured the same: PyTorch's convolution is kept.)
+    """
+
+    kernel_size = 5
+
+    def __init__(self, n_mels: int, d_model: int, channels: int, layers: int = 2) -> None:
+        super().__init__()
+        widths = [n_mels] + [channels] * (layers - 1) + [d_model]
+        self.convs = nn.ModuleList(nn.Conv1d(widths[i], 2 * widths[i + 1], self.kernel_size, stride=2)
+                                   for i in range(layers))
+        self.layers = layers
+        #: input frames one output frame needs: 5, then 2 m + 3 per further layer (13 for two)
+        self.min_frames = 2 ** (layers + 2) - 3
+        self.norm = nn.LayerNorm(d_model)  # unit-scale residual stream, as Conv2dSubsampling's
+
+    @staticmethod
+    def lengths_after(lengths: Tensor, layers: int = 2) -> Tensor:
+        """Output frames of ``layers`` unpadded 5-wide stride-2 convolutions (at least 1)."""
+        for _ in range(layers):
+            lengths = (lengths - 3) // 2
+        return lengths.clamp(min=1)
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        return self.lengths_after(lengths, self.layers)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, F] -> [B, T', D]
+        x = pad_to_receptive_field(x, self.min_frames).transpose(1, 2)  # channels (mel bins) first
+        for conv in self.convs:
+            x = nn.functional.glu(conv(x), dim=1)
+        return self.norm(x.transpose(1, 2))
+
+
 class Conv1dSubsampling(nn.Module):
     """Whisper's stem: conv1d(k3) + GELU, conv1d(k3, stride 2) + GELU: 2x fewer frames."""
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..frontend import LogMelFrontend, SpecAugment, WhisperFrontend
 from .attention import KVCache
 from .config import ModelConfig
-from .layers import (ConformerLayer, Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, Dropout, EncoderLayer,
+from .layers import (ConformerLayer, Conv1dGLUSubsampling, Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, Dropout, EncoderLayer,
                      LearnedPositions, SinusoidalPositions)
 
 
@@ -101,6 +101,9 @@ class SpeechTransformer(nn.Module):
         if c.subsampling == "conv2d":
             self.subsampling: nn.Module = Conv2dSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model,
                                                                c.subsampling_layers)
+        elif c.subsampling == "conv1d_glu":
+            self.subsampling = Conv1dGLUSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model,
+                                                    c.subsampling_layers)
         else:
             self.subsampling = Conv1dSubsampling(c.n_mels, c.d_model)
         rotary = c.rotary
