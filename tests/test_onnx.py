@@ -119,6 +119,25 @@ def test_encoder_graph_matches_pytorch(exported, seconds, batch):
     assert _max_diff(got["cross_v"], torch.stack(values)) < TOL
 
 
+@torch.no_grad()
+def test_encoder_graph_of_the_conv1d_glu_stem_matches_pytorch(tmp_path):
+    """The other trainable stem (``subsampling: conv1d_glu``, three layers: 80 ms frames) exports too:
+    its memory lengths and CTC log-probabilities from onnxruntime equal PyTorch's, padded rows included."""
+    torch.manual_seed(2)
+    model = SpeechTransformer(ModelConfig(vocab_size=40, d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1,
+                                          n_decoder_layers=1, subsampling="conv1d_glu", subsampling_channels=24,
+                                          subsampling_layers=3)).eval()
+    export_model(ModelBundle(model, None), tmp_path / "torch")
+    assert main(["export", "--format", "onnx", "--model", str(tmp_path / "torch"), "--out", str(tmp_path / "onnx")]) == 0
+    encoder = ort.InferenceSession(str(tmp_path / "onnx" / ENCODER_FILE), providers=["CPUExecutionProvider"])
+    for seconds in SECONDS:
+        wav, lengths = _audio(seconds, 3)
+        got = _encode(encoder, wav, lengths, encoder_outputs(model))
+        memory, mem_lengths = model.encode(wav, lengths)
+        assert got["mem_lengths"].tolist() == mem_lengths.tolist() and len(set(mem_lengths.tolist())) == 3
+        assert _max_diff(got["ctc_log_probs"], model.ctc_log_probs(memory)) < TOL
+
+
 def _step(session, tokens: torch.Tensor, cache: tuple[np.ndarray, np.ndarray], enc: dict[str, np.ndarray]
           ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     feed = dict(zip(DECODER_INPUTS, [tokens.numpy(), *cache, enc["cross_k"], enc["cross_v"], enc["mem_lengths"]]))

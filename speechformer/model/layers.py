@@ -127,9 +127,13 @@ class Conv2dSubsampling(nn.Module):
         # (C, F') order (the checkpoints' layout); the frames lie in memory as [B, T', F', C], so
         # the weight (small) is reordered to (F', C) and the activations (large) are read as a
         # view: no copy of them forward, none of their gradient backward.
-        weight = self.proj.weight.view(-1, c, f).transpose(1, 2).reshape(-1, f * c)
-        frames = y.permute(0, 2, 3, 1).reshape(b, t, f * c)
-        return self.norm(nn.functional.linear(frames, weight, self.proj.bias))
+        if type(self.proj) is nn.Linear:
+            weight = self.proj.weight.view(-1, c, f).transpose(1, 2).reshape(-1, f * c)
+            frames = y.permute(0, 2, 3, 1).reshape(b, t, f * c)
+            return self.norm(nn.functional.linear(frames, weight, self.proj.bias))
+        # a projection that is not a plain Linear (fastpath.prepack_linears' inference kernel, or one
+        # a user wrapped) is called as it is, on the frames copied into (C, F') order
+        return self.norm(self.proj(y.transpose(1, 2).reshape(b, t, c * f)))
 
 
 class Conv1dGLUSubsampling(nn.Module):
