@@ -80,7 +80,33 @@ def pad_to_receptive_field(x: Tensor, min_frames: int) -> Tensor:
     return nn.functional.pad(x, (0, 0, 0, short)) if short > 0 else x
 
 
-class Conv2dSubsampling(nn.Module):
+class _UnpaddedStem(nn.Module):
+    """What the trainable stems share: ``layers`` unpadded stride-2 convolutions ``kernel_size``
+    frames wide, so an output frame reads only frames of its own clip."""
+
+    kernel_size: int
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.layers = layers
+        #: input frames one output frame needs (the receptive field of the convolutions)
+        self.min_frames = self.kernel_size
+        for _ in range(layers - 1):
+            self.min_frames = 2 * (self.min_frames - 1) + self.kernel_size
+
+    @classmethod
+    def lengths_after(cls, lengths: Tensor, layers: int = 2) -> Tensor:
+        """Output frames of ``layers`` of the convolutions (at least 1: clips under ``min_frames``
+        are padded to one)."""
+        for _ in range(layers):
+            lengths = (lengths - cls.kernel_size) // 2 + 1
+        return lengths.clamp(min=1)
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        return self.lengths_after(lengths, self.layers)
+
+
+class Conv2dSubsampling(_UnpaddedStem):
     """3x3 stride-2 convolutions over (time, mel), each halving the frame rate, then a linear to d_model.
 
     Speech frames come every 10 ms; attention over them is quadratic in length, and
@@ -88,15 +114,14 @@ class Conv2dSubsampling(nn.Module):
     convolutions) or 80 ms (three: half the encoder's work again, for short-token vocabularies).
     """
 
+    kernel_size = 3
+
     def __init__(self, n_mels: int, d_model: int, channels: int, layers: int = 2) -> None:
-        super().__init__()
+        super().__init__(layers)
         convs: list[nn.Module] = []
         for i in range(layers):  # ReLU in place: conv outputs are not kept for the backward
             convs += [nn.Conv2d(1 if i == 0 else channels, channels, 3, stride=2), nn.ReLU(inplace=True)]
         self.conv = nn.Sequential(*convs)
-        self.layers = layers
-        #: input frames one output frame needs (the receptive field of the convolutions)
-        self.min_frames = 2 ** (layers + 1) - 1
         freq = n_mels
         for _ in range(layers):
             freq = (freq - 1) // 2
@@ -105,17 +130,6 @@ class Conv2dSubsampling(nn.Module):
         # added next. Without it the projection was seen to grow to ~20x that size in training,
         # drowning every layer's update (and the positions) and slowing learning.
         self.norm = nn.LayerNorm(d_model)
-
-    @staticmethod
-    def lengths_after(lengths: Tensor, layers: int = 2) -> Tensor:
-        """Output frames of ``layers`` unpadded 3x3 stride-2 convolutions (at least 1: clips under
-        ``min_frames`` are padded to one)."""
-        for _ in range(layers):
-            lengths = (lengths - 1) // 2
-        return lengths.clamp(min=1)
-
-    def output_lengths(self, lengths: Tensor) -> Tensor:
-        return self.lengths_after(lengths, self.layers)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, F] -> [B, T', D]
         # Channels-last: x [B, T, F] viewed as [B, 1, T, F] with the channel stride last (no copy),
@@ -136,7 +150,7 @@ class Conv2dSubsampling(nn.Module):
         return self.norm(self.proj(y.transpose(1, 2).reshape(b, t, c * f)))
 
 
-class Conv1dGLUSubsampling(nn.Module):
+class Conv1dGLUSubsampling(_UnpaddedStem):
     """5-wide stride-2 convolutions over time, each followed by a GLU (Speech2Text's stem).
 
     Each mel frame vector is one input channel vector: a convolution mixes 5 neighbouring frames
@@ -153,24 +167,11 @@ class Conv1dGLUSubsampling(nn.Module):
     kernel_size = 5
 
     def __init__(self, n_mels: int, d_model: int, channels: int, layers: int = 2) -> None:
-        super().__init__()
+        super().__init__(layers)  # 13 input frames for one output frame with two layers, 29 with three
         widths = [n_mels] + [channels] * (layers - 1) + [d_model]
         self.convs = nn.ModuleList(nn.Conv1d(widths[i], 2 * widths[i + 1], self.kernel_size, stride=2)
                                    for i in range(layers))
-        self.layers = layers
-        #: input frames one output frame needs: 5, then 2 m + 3 per further layer (13 for two)
-        self.min_frames = 2 ** (layers + 2) - 3
         self.norm = nn.LayerNorm(d_model)  # unit-scale residual stream, as Conv2dSubsampling's
-
-    @staticmethod
-    def lengths_after(lengths: Tensor, layers: int = 2) -> Tensor:
-        """Output frames of ``layers`` unpadded 5-wide stride-2 convolutions (at least 1)."""
-        for _ in range(layers):
-            lengths = (lengths - 3) // 2
-        return lengths.clamp(min=1)
-
-    def output_lengths(self, lengths: Tensor) -> Tensor:
-        return self.lengths_after(lengths, self.layers)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, F] -> [B, T', D]
         x = pad_to_receptive_field(x, self.min_frames).transpose(1, 2)  # channels (mel bins) first
