@@ -136,9 +136,8 @@ class LMModule(L.LightningModule):
                   file=sys.stderr)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        clipping = bool(self.trainer is not None and self.trainer.gradient_clip_val)
         return adamw_warmup_cosine(self.model.named_parameters(), self.lr, self.weight_decay, (0.9, 0.98),
-                                   self.warmup_steps, self.total_steps, self.min_lr_ratio, clipping)
+                                   self.warmup_steps, self.total_steps, self.min_lr_ratio)
 
 
 @dataclass

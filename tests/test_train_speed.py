@@ -437,3 +437,18 @@ def test_hardware_tuning_is_switched_on_by_the_entry_points_not_by_building(untr
                                       "--out", "report"])
     assert isinstance(args, argparse.Namespace) and isinstance(_load_transcriber(args), Transcriber)
     assert flushes_denormals()
+
+
+def test_the_training_optimiser_is_never_the_fused_adamw():
+    """The fused AdamW stepped equal to rounding but trained worse models, with and without
+    clipping (benchmarks/README.md, "Hardware tuning"): fit and lm train build the unfused one,
+    whatever the trainer's clipping, with the no-decay group for biases, norms and embeddings."""
+    from speechformer.lightning import adamw_warmup_cosine
+
+    model = SpeechTransformer(ModelConfig(**TINY))
+    opt = adamw_warmup_cosine(model.named_parameters(), 1e-3, 0.01, (0.9, 0.98), 10, 100, 0.1)["optimizer"]
+    assert not opt.defaults.get("fused")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and any(p.dim() == 1 for p in no_decay["params"])
+    assert any(p is model.embedding.weight for p in no_decay["params"])
