@@ -206,14 +206,14 @@ class UtteranceLimits:
 
     def __init__(self, config: "ModelConfig", prompt_length: int = 1, speeds: Sequence[float] = ()) -> None:
         from .frontend import LogMelFrontend, WhisperFrontend
-        from .model.layers import Conv1dGLUSubsampling, Conv1dSubsampling, Conv2dSubsampling
+        from .model.layers import UNPADDED_STEMS, Conv1dSubsampling
 
         self.config = config
         self.prompt_length = prompt_length
         self.speeds = (min(speeds), max(speeds)) if speeds else (1.0, 1.0)
         self.whisper = config.is_whisper
         self._frontend = WhisperFrontend() if self.whisper else LogMelFrontend(config.sample_rate, config.n_mels)
-        stem = {"conv2d": Conv2dSubsampling, "conv1d_glu": Conv1dGLUSubsampling}.get(config.subsampling)
+        stem = UNPADDED_STEMS.get(config.subsampling)
         self._subsampling_lengths = (partial(stem.lengths_after, layers=config.subsampling_layers) if stem
                                      else Conv1dSubsampling.output_lengths)
         # rotary positions alone have no table (nothing is added to the stream): no frame limit

@@ -56,19 +56,10 @@ class FrameClock:
     def for_model(cls, model: Any) -> "FrameClock":
         c = model.config
         hop = model.frontend.hop_length / c.sample_rate  # 10 ms
-        if c.subsampling == "conv2d":
-            # L 3-wide stride-2 convolutions without padding: encoder frame k reads mel frames
-            # 2^L k .. 2^L k + 2^(L+1) - 2, centred on 2^L k + 2^L - 1 (L = 2: 4k .. 4k+6, centre 4k+3);
-            # mel frame i is centred on i hops (the frontend pads half a window)
-            factor = c.subsampling_factor
-            return cls(stride=factor * hop, offset=(factor - 1) * hop)
-        if c.subsampling == "conv1d_glu":
-            # L 5-wide stride-2 convolutions without padding: each centres its output on input frame
-            # 2k + 2, so encoder frame k is centred on mel frame 2^L k + 2 (2^L - 1) (L = 2: 4k + 6)
-            factor = c.subsampling_factor
-            return cls(stride=factor * hop, offset=2 * (factor - 1) * hop)
-        # conv1d (Whisper): stride 2 with padding 1, frame k centred on mel frame 2k
-        return cls(stride=2 * hop, offset=0.0)
+        # mel frame i is centred on i hops (the frontend pads half a window); the stem says which mel
+        # frame its output frame 0 is centred on (e.g. two unpadded 3-wide convolutions: frame k reads
+        # mel frames 4k .. 4k+6, centred on 4k+3)
+        return cls(stride=c.subsampling_factor * hop, offset=model.subsampling.centre_offset * hop)
 
     def start(self, frame: int) -> float:
         return max(0.0, self.offset + (frame - 0.5) * self.stride)

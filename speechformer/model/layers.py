@@ -105,6 +105,12 @@ class _UnpaddedStem(nn.Module):
     def output_lengths(self, lengths: Tensor) -> Tensor:
         return self.lengths_after(lengths, self.layers)
 
+    @property
+    def centre_offset(self) -> int:
+        """Output frame k is centred on input frame ``2^layers * k + centre_offset``: each layer
+        centres its output j on input frame 2j + (kernel_size - 1) / 2."""
+        return (self.kernel_size - 1) // 2 * (2 ** self.layers - 1)
+
 
 class Conv2dSubsampling(_UnpaddedStem):
     """3x3 stride-2 convolutions over (time, mel), each halving the frame rate, then a linear to d_model.
@@ -180,11 +186,17 @@ class Conv1dGLUSubsampling(_UnpaddedStem):
         return self.norm(x.transpose(1, 2))
 
 
+#: the stems a model can be trained with, by ``ModelConfig.subsampling`` (Whisper's ``conv1d`` aside)
+UNPADDED_STEMS: dict[str, type[_UnpaddedStem]] = {"conv2d": Conv2dSubsampling, "conv1d_glu": Conv1dGLUSubsampling}
+
+
 class Conv1dSubsampling(nn.Module):
     """Whisper's stem: conv1d(k3) + GELU, conv1d(k3, stride 2) + GELU: 2x fewer frames."""
 
     #: input frames one output frame needs: both convolutions pad by one, so a single frame does
     min_frames = 1
+    #: output frame k is centred on input frame 2k (stride 2, padded by one)
+    centre_offset = 0
 
     def __init__(self, n_mels: int, d_model: int) -> None:
         super().__init__()

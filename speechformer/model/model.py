@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..frontend import LogMelFrontend, SpecAugment, WhisperFrontend
 from .attention import KVCache
 from .config import ModelConfig
-from .layers import (ConformerLayer, Conv1dGLUSubsampling, Conv1dSubsampling, Conv2dSubsampling, DecoderLayer, Dropout, EncoderLayer,
+from .layers import (UNPADDED_STEMS, ConformerLayer, Conv1dSubsampling, DecoderLayer, Dropout, EncoderLayer,
                      LearnedPositions, SinusoidalPositions)
 
 
@@ -98,12 +98,9 @@ class SpeechTransformer(nn.Module):
             self.frontend = LogMelFrontend(c.sample_rate, c.n_mels)
         self.specaug = SpecAugment(c.specaug_freq_masks, c.specaug_freq_width, c.specaug_time_masks,
                                    c.specaug_time_width_ratio)
-        if c.subsampling == "conv2d":
-            self.subsampling: nn.Module = Conv2dSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model,
-                                                               c.subsampling_layers)
-        elif c.subsampling == "conv1d_glu":
-            self.subsampling = Conv1dGLUSubsampling(c.n_mels, c.d_model, c.subsampling_channels or c.d_model,
-                                                    c.subsampling_layers)
+        if c.subsampling in UNPADDED_STEMS:
+            self.subsampling: nn.Module = UNPADDED_STEMS[c.subsampling](
+                c.n_mels, c.d_model, c.subsampling_channels or c.d_model, c.subsampling_layers)
         else:
             self.subsampling = Conv1dSubsampling(c.n_mels, c.d_model)
         rotary = c.rotary
